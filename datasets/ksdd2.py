@@ -1,0 +1,101 @@
+"""Reader of the KolektorSDD2 raw layout.
+
+    <root>/train/NNNNN.png  beside  <root>/train/NNNNN_GT.png
+    <root>/test/NNNNN.png   beside  <root>/test/NNNNN_GT.png
+
+The mask decides the label: an image is a defect iff its mask has a non-zero pixel.
+An image without its mask has no label and is quarantined; so is a mask without
+its image, and a mask whose size differs from its image.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from saec.datasets.images import DEFAULT_MAX_PIXELS, BadImage, is_image_name, load_image, probe_image
+from saec.datasets.scan import Candidate, LayoutError, Quarantine, ScanResult, list_dir, probe_candidates
+
+SPLITS = ("train", "test")
+MASK_SUFFIX = "_GT"
+LAYOUT = "<root>/train/NNNNN.png with NNNNN_GT.png beside it, and the same under <root>/test/"
+
+
+def _mask_label(image: Path, mask: Path, max_pixels: int) -> tuple[int | None, str, str]:
+    """(label, reason, detail); label None when the mask cannot decide it."""
+    try:
+        m = load_image(mask, "L", max_pixels)
+        info = probe_image(image, max_pixels)
+    except BadImage as exc:
+        which = "mask" if exc.path == str(mask) else "image"
+        return None, f"{which}_{exc.reason}", exc.detail
+    if m.size != (info.width, info.height):
+        return None, "mask_size_mismatch", f"mask {m.size[0]}x{m.size[1]} vs image {info.width}x{info.height}"
+    return int(np.asarray(m).any()), "", ""
+
+
+def read_ksdd2(
+    root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, workers: int | None = None
+) -> ScanResult:
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"KolektorSDD2 root {root} does not exist or is not a folder (data.ksdd2_root)")
+    q = Quarantine("ksdd2", root)
+    split_dirs = []
+    for name in SPLITS:
+        exact = root / name
+        if exact.is_dir():
+            split_dirs.append(exact)
+            continue
+        for p in root.iterdir():
+            if p.is_dir() and p.name.lower() == name:
+                raise LayoutError(f"{p} should be named '{name}'; rename it (expected {LAYOUT})")
+    if not split_dirs:
+        found = ", ".join(p.name for p in sorted(root.iterdir())) or "nothing"
+        raise LayoutError(f"no train/ or test/ folder under {root} (found: {found}); expected {LAYOUT}")
+    notes = {"splits_missing": len(SPLITS) - len(split_dirs)}
+    pairs: list[tuple[Path, Path, str]] = []
+    for split in split_dirs:
+        dirs, files = list_dir(split)
+        for d in dirs:
+            q.add(d, "folder", "unexpected_folder", f"{split.name}/ holds image and mask files only")
+        images: dict[str, Path] = {}
+        masks: dict[str, Path] = {}
+        for f in files:
+            if not is_image_name(f) or f.name.startswith("."):
+                q.add(f, "image", "not_an_image_name", f"suffix {f.suffix or '(none)'!r} is not an image format")
+            elif f.stem.endswith(MASK_SUFFIX):
+                masks[f.stem[: -len(MASK_SUFFIX)]] = f
+            else:
+                images[f.stem] = f
+        if not images and not masks:
+            q.add(split, "folder", "empty_class_folder", "holds no image files")
+        for stem, img in sorted(images.items()):
+            if stem in masks:
+                pairs.append((img, masks[stem], split.name))
+            else:
+                q.add(img, "image", "image_without_mask", f"no {stem}{MASK_SUFFIX}.png beside it, so its label is unknown")
+        for stem in sorted(set(masks) - set(images)):
+            q.add(masks[stem], "mask", "mask_without_image", f"no {stem}.* image beside this mask")
+
+    with ThreadPoolExecutor(workers or 4) as pool:
+        labels = list(pool.map(lambda p: _mask_label(p[0], p[1], max_pixels), pairs))
+    cands = []
+    for (img, mask, split), (label, reason, detail) in zip(pairs, labels):
+        if label is None:
+            q.add(img, "image", reason, detail)
+            continue
+        cands.append(
+            Candidate(
+                path=img,
+                rel_path=img.relative_to(root).as_posix(),
+                label=label,
+                category="ksdd2",
+                defect_type="defect" if label else "good",
+                split=split,
+                mask_path=str(mask.resolve()),
+            )
+        )
+    frame = probe_candidates(cands, "ksdd2", q, max_pixels, workers=workers, progress=progress)
+    return ScanResult(images=frame, quarantine=q.frame(), notes=notes)

@@ -1,0 +1,28 @@
+"""What every flow does around a stage task: call it, notice a stale cache, record the outcome."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+
+from saec.artifacts.store import RunFolder, StageResult
+
+
+def _outputs_present(result: StageResult) -> bool:
+    return Path(result.dir).is_dir() and all(Path(ref.path).exists() for ref in result.outputs.values())
+
+
+def call_stage(run: RunFolder, task: Task, **params: Any) -> StageResult:
+    """Run a cached stage task and record in the run folder whether it ran or hit the cache.
+
+    If Prefect holds a cached result whose files were deleted from the store, the task
+    runs again with its cache refreshed instead of handing back a dangling reference.
+    """
+    state = task(**params, return_state=True)
+    result: StageResult = state.result()
+    if not _outputs_present(result):
+        state = task.with_options(refresh_cache=True)(**params, return_state=True)
+        result = state.result()
+    run.add_stage(result, "cached" if state.name == "Cached" else "ran")
+    return result

@@ -1,0 +1,3 @@
+from saec.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Shared fixtures: offline settings, one Prefect test server per session, small image trees."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="saec-tests-"))
+os.environ.setdefault("SAEC_HOME", str(_SESSION_TMP / "home"))
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect-results")
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+
+from saec.env import configure_offline  # noqa: E402
+
+configure_offline()
+
+SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED_MODELS = SHARED / "models"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (temporary database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def save(path: Path, arr: np.ndarray, mode: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path, **kw)
+    return path
+
+
+def noise(shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def make_mvtec(root: Path, categories=("alpha", "beta"), n_train=4, n_good=3, defects=("scratch", "hole"), n_def=2) -> Path:
+    """A small MVTec AD tree of distinct noise images (RGB for the first category, grey for the rest)."""
+    seed = 0
+    for ci, cat in enumerate(categories):
+        shape = (32, 32, 3) if ci == 0 else (32, 32)
+        for i in range(n_train):
+            seed += 1
+            save(root / cat / "train" / "good" / f"{i:03d}.png", noise(shape, seed))
+        for i in range(n_good):
+            seed += 1
+            save(root / cat / "test" / "good" / f"{i:03d}.png", noise(shape, seed))
+        for d in defects:
+            for i in range(n_def):
+                seed += 1
+                save(root / cat / "test" / d / f"{i:03d}.png", noise(shape, seed))
+                mask = np.zeros((32, 32), np.uint8)
+                mask[4:9, 4:9] = 255
+                save(root / cat / "ground_truth" / d / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def make_ksdd2(root: Path, n_train=6, n_test=4, defect_every=3) -> Path:
+    seed = 1000
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            seed += 1
+            stem = f"{10000 + seed:05d}"
+            save(root / split / f"{stem}.png", noise((40, 16, 3), seed))
+            mask = np.zeros((40, 16), np.uint8)
+            if i % defect_every == 0:
+                mask[10:14, 5:8] = 255
+            save(root / split / f"{stem}_GT.png", mask)
+    return root
+
+
+@pytest.fixture
+def mvtec_tree(tmp_path) -> Path:
+    return make_mvtec(tmp_path / "mvtec")
+
+
+@pytest.fixture
+def ksdd2_tree(tmp_path) -> Path:
+    return make_ksdd2(tmp_path / "ksdd2")

@@ -1,0 +1,221 @@
+"""Image reading and the MVTec AD / KolektorSDD2 readers, on real files with every kind of bad input."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_ksdd2, noise, save
+from saec.datasets.images import BadImage, load_image, probe_image
+from saec.datasets.ksdd2 import read_ksdd2
+from saec.datasets.mvtec import read_mvtec
+from saec.datasets.scan import LayoutError
+
+
+# ----------------------------------------------------------------------------- single files
+
+
+def test_zero_byte_truncated_and_non_image_are_refused(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    good = save(tmp_path / "ok.png", noise((64, 64, 3)))
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    assert probe_image(good).width == 64
+    for path, reason in ((empty, "empty_file"), (truncated, "truncated_or_corrupt"), (text, "not_an_image")):
+        with pytest.raises(BadImage) as info:
+            probe_image(path)
+        assert info.value.reason == reason
+        assert str(path) in str(info.value)
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    big = save(tmp_path / "big.png", np.zeros((1200, 1000), np.uint8))
+    with pytest.raises(BadImage) as info:
+        probe_image(big, max_pixels=1_000_000)
+    assert info.value.reason == "too_large" and "1000x1200" in info.value.detail
+    assert probe_image(big, max_pixels=2_000_000).height == 1200
+
+
+def test_odd_modes_decode_to_8bit(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 128  # half transparent red over black -> about 100
+    p_rgba = save(tmp_path / "rgba.png", rgba, "RGBA")
+    p16 = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(p16)
+    pal = Image.fromarray(noise((8, 8, 3))).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    p_pal = tmp_path / "pal.png"
+    pal.save(p_pal)
+
+    assert probe_image(p_rgba).mode == "RGBA"
+    out = np.asarray(load_image(p_rgba, "RGB"))
+    assert out.shape == (8, 8, 3) and abs(int(out[0, 0, 0]) - 100) <= 1 and out[0, 0, 1] == 0
+    assert probe_image(p16).mode.startswith("I;16")
+    assert np.asarray(load_image(p16, "L"))[0, 0] == 40000 >> 8
+    assert np.array_equal(np.asarray(load_image(p_pal, "RGB")), np.asarray(pal.convert("RGB")))
+
+
+# ----------------------------------------------------------------------------- MVTec AD
+
+
+def test_mvtec_reader_reads_every_image_with_its_label(mvtec_tree):
+    scan = read_mvtec(mvtec_tree)
+    imgs = scan.images
+    assert len(imgs) == 2 * (4 + 3 + 2 * 2) and len(scan.quarantine) == 0
+    assert set(imgs.category) == {"alpha", "beta"}
+    assert (imgs[imgs.split == "train"].label == 0).all()
+    defects = imgs[imgs.label == 1]
+    assert set(defects.defect_type) == {"scratch", "hole"} and defects.mask_path.notna().all()
+    assert set(imgs[imgs.category == "alpha"]["mode"]) == {"RGB"} and set(imgs[imgs.category == "beta"]["mode"]) == {"L"}
+    row = imgs.iloc[0]
+    assert Path(row.path).is_absolute() and len(row.image_id) == 64
+
+
+def test_mvtec_bad_inputs_are_quarantined_with_reasons(mvtec_tree):
+    d = mvtec_tree / "alpha" / "test" / "scratch"
+    (d / "009.png").write_bytes(b"")
+    (d / "010.png").write_bytes((d / "000.png").read_bytes()[:100])
+    (d / "011.png").write_text("<html>not an image</html>")
+    (d / "notes.txt").write_text("operator notes")
+    shutil.copy(d / "001.png", d / "012.png")  # same bytes twice
+    (mvtec_tree / "alpha" / "test" / "crack").mkdir()  # empty class folder
+    save(mvtec_tree / "alpha" / "ground_truth" / "hole" / "077_mask.png", np.zeros((32, 32), np.uint8))
+    (mvtec_tree / "beta" / "ground_truth" / "hole" / "001_mask.png").unlink()  # image without mask
+    save(mvtec_tree / "alpha" / "test" / "stain" / "000.png", noise((16, 16, 4), 99), "RGBA")
+    Image.fromarray(np.full((20, 30), 1234, np.uint16)).save(mvtec_tree / "beta" / "test" / "hole" / "005.png")
+
+    scan = read_mvtec(mvtec_tree)
+    reasons = dict(zip(scan.quarantine.rel_path, scan.quarantine.reason))
+    assert reasons == {
+        "alpha/test/scratch/009.png": "empty_file",
+        "alpha/test/scratch/010.png": "truncated_or_corrupt",
+        "alpha/test/scratch/011.png": "not_an_image",
+        "alpha/test/scratch/notes.txt": "not_an_image_name",
+        "alpha/test/scratch/012.png": "duplicate",
+        "alpha/test/crack": "empty_class_folder",
+        "alpha/ground_truth/hole/077_mask.png": "mask_without_image",
+    }
+    imgs = scan.images.set_index("rel_path")
+    assert imgs.loc["alpha/test/stain/000.png", "mode"] == "RGBA"  # odd modes are read, not dropped
+    assert imgs.loc["beta/test/hole/005.png", "mode"].startswith("I;16")
+    assert pd_isna(imgs.loc["beta/test/hole/001.png", "mask_path"])
+    counts = scan.counts()
+    assert counts["defect_without_mask"] == 3 and counts["quarantined"] == 7
+    # nothing silently dropped: every file under the tree is either an image row or a quarantine row
+    files = {p.relative_to(mvtec_tree).as_posix() for p in mvtec_tree.rglob("*") if p.is_file() and "ground_truth" not in p.parts}
+    assert files == set(imgs.index) | {r for r in reasons if "ground_truth" not in r and r != "alpha/test/crack"}
+
+
+def pd_isna(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: (r / "alpha" / "train").rename(r / "alpha" / "Train"), "should be named 'train'"),
+        (lambda r: (r / "alpha" / "train" / "good").rename(r / "alpha" / "train" / "ok"), "must hold a good/ folder"),
+        (lambda r: shutil.rmtree(r / "beta" / "test"), "has no test/ folder"),
+        (lambda r: (r / "alpha" / "test" / "good").rename(r / "alpha" / "test" / "normal"), "has no good/ folder"),
+    ],
+)
+def test_mvtec_layout_errors_name_the_folder_and_the_fix(mvtec_tree, breakage, message):
+    breakage(mvtec_tree)
+    with pytest.raises(LayoutError, match=message):
+        read_mvtec(mvtec_tree)
+
+
+def test_mvtec_missing_root_and_no_categories(tmp_path):
+    with pytest.raises(LayoutError, match="does not exist"):
+        read_mvtec(tmp_path / "nope")
+    (tmp_path / "empty" / "misc").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="no MVTec AD category.*found: misc"):
+        read_mvtec(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- KolektorSDD2
+
+
+def test_ksdd2_masks_decide_labels_and_orphans_are_quarantined(ksdd2_tree):
+    scan = read_ksdd2(ksdd2_tree)
+    assert len(scan.images) == 10 and len(scan.quarantine) == 0
+    assert int(scan.images.label.sum()) == 2 + 2  # every third image of each split has a defect mask
+    assert set(scan.images.split) == {"train", "test"}
+
+    stems = sorted(p.stem for p in (ksdd2_tree / "train").glob("*.png") if not p.stem.endswith("_GT"))
+    (ksdd2_tree / "train" / f"{stems[0]}_GT.png").unlink()  # image without mask
+    (ksdd2_tree / "train" / f"{stems[1]}.png").unlink()  # mask without image
+    save(ksdd2_tree / "train" / f"{stems[2]}_GT.png", np.zeros((10, 10), np.uint8))  # wrong size
+    scan = read_ksdd2(ksdd2_tree)
+    reasons = sorted(scan.quarantine.reason)
+    assert reasons == ["image_without_mask", "mask_size_mismatch", "mask_without_image"]
+    assert len(scan.images) == 7
+
+
+def test_ksdd2_layout_errors(tmp_path):
+    root = make_ksdd2(tmp_path / "k")
+    (root / "train").rename(root / "TRAIN")
+    with pytest.raises(LayoutError, match="should be named 'train'"):
+        read_ksdd2(root)
+    (tmp_path / "blank").mkdir()
+    with pytest.raises(LayoutError, match="no train/ or test/"):
+        read_ksdd2(tmp_path / "blank")
+
+
+# ----------------------------------------------------------------------------- third-party images
+
+def _third_party_images() -> list[Path]:
+    """Image files shipped by installed packages (photographs and textures none of this project made)."""
+    skimage = pytest.importorskip("skimage")
+    data = Path(skimage.__file__).parent / "data"
+    names = ["brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "text.png", "moon.png",
+             "rocket.jpg", "retina.jpg", "hubble_deep_field.jpg", "chelsea.png", "coffee.png", "page.png", "horse.png"]  # fmt: skip
+    files = [data / n for n in names if (data / n).exists()]
+    if len(files) < 10:
+        pytest.skip("scikit-image sample images not found")
+    return files
+
+
+def test_readers_read_unmodified_third_party_files_in_both_layouts(tmp_path):
+    files = _third_party_images()
+    root = tmp_path / "mvtec"
+    layout = {
+        "textures": {"train/good": files[0:2], "test/good": files[2:3], "test/rough": files[3:5]},
+        "objects": {"train/good": files[5:7], "test/good": files[7:8], "test/spot": files[8:10], "test/bent": files[10:12]},
+    }
+    for cat, parts in layout.items():
+        for sub, srcs in parts.items():
+            (root / cat / sub).mkdir(parents=True)
+            for src in srcs:
+                shutil.copy2(src, root / cat / sub / src.name)  # bytes unmodified
+    (root / "objects" / "ground_truth" / "spot").mkdir(parents=True)  # "bent" and "rough" have no masks at all
+    scan = read_mvtec(root)
+    assert len(scan.images) == 12 and len(scan.quarantine) == 0
+    assert {"JPEG", "PNG"} <= set(scan.images.format)
+    assert {"L", "RGB"} <= set(scan.images["mode"])
+    assert scan.images.width.nunique() > 3  # odd sizes kept as they are
+    assert scan.counts()["defect_without_mask"] == 6
+    by_name = scan.images.set_index(scan.images.path.map(lambda p: Path(p).name))
+    for src in files[:12]:
+        from saec.artifacts.hashing import sha256_file
+
+        assert by_name.loc[src.name, "image_id"] == sha256_file(src)
+
+    kroot = tmp_path / "ksdd2"
+    (kroot / "train").mkdir(parents=True)
+    for i, src in enumerate(files[:6]):
+        stem = f"{20000 + i:05d}"
+        img = Image.open(src)
+        (kroot / "train" / f"{stem}{src.suffix}").write_bytes(src.read_bytes())
+        mask = np.zeros((img.height, img.width), np.uint8)
+        if i % 2:
+            mask[: img.height // 4, : img.width // 4] = 255
+        save(kroot / "train" / f"{stem}_GT.png", mask)
+    kscan = read_ksdd2(kroot)
+    assert len(kscan.images) == 6 and int(kscan.images.label.sum()) == 3
