@@ -66,7 +66,9 @@ def stage_cache_key(stage: str, modules: Iterable[str] = ()) -> Callable[[Any, d
     mods = (*_BASE_MODULES, caller, *modules)
 
     def cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-        return f"{stage}-{stage_key(stage, mods, params)}"
+        # the store is part of Prefect's key (each store caches its own outputs), not of the folder name
+        where = hash_obj(str(Path(params["store"]).resolve()))[:8]
+        return f"{stage}-{stage_key(stage, mods, params)}-{where}"
 
     cache_key.modules = mods  # type: ignore[attr-defined]
     return cache_key

@@ -1,0 +1,67 @@
+"""The `prepare` flow under a real Prefect engine: cache hits, partial re-runs, the leakage stop."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_ksdd2, make_mvtec, noise, save
+from saec.config import load_config
+from saec.tasks.data import LeakageError
+
+
+def _states(out) -> dict[str, str]:
+    return {name: st["state"] for name, st in out["run"].record["stages"].items()}
+
+
+def _cfg(tmp_path, mvtec, ksdd2):
+    return load_config(
+        None,
+        [
+            "data.source=folders",
+            f"data.mvtec_root={mvtec}",
+            f"data.ksdd2_root={ksdd2}",
+            f"store.root={tmp_path / 'store'}",
+            "holdout.n_good=3",
+            "holdout.n_defect=3",
+        ],
+    )
+
+
+def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_server, tmp_path):
+    from saec.flows.prepare import prepare_flow
+
+    mvtec = make_mvtec(tmp_path / "mvtec")
+    ksdd2 = make_ksdd2(tmp_path / "ksdd2")
+    cfg = _cfg(tmp_path, mvtec, ksdd2)
+    stages = {"scan_mvtec", "sft", "holdout", "scan_ksdd2", "ksdd2_1to1"}
+
+    first = prepare_flow(cfg)
+    assert _states(first) == {s: "ran" for s in stages}
+    assert first["holdout"].outputs["manifest"].rows == 6
+    assert first["run"].record["checks"]["leakage"]["files_checked"] == 6
+
+    second = prepare_flow(cfg)
+    assert _states(second) == {s: "cached" for s in stages}
+    assert second["holdout"].digest() == first["holdout"].digest()
+
+    # one MVTec image changes: only the MVTec stages run again
+    save(mvtec / "alpha" / "test" / "good" / "000.png", noise((32, 32, 3), 4242))
+    third = prepare_flow(cfg)
+    assert _states(third) == {"scan_mvtec": "ran", "sft": "ran", "holdout": "ran", "scan_ksdd2": "cached", "ksdd2_1to1": "cached"}
+
+    # an output deleted from the store is rebuilt, not handed back as a dangling reference
+    shutil.rmtree(third["ksdd2_1to1"].dir)
+    fourth = prepare_flow(cfg)
+    assert _states(fourth)["ksdd2_1to1"] == "ran" and Path(fourth["ksdd2_1to1"].dir, "val").is_dir()
+
+    # a training image dropped into the holdout stops the run with a clear message
+    train_img = fourth["sft"].table("train_manifest").path.iloc[0]
+    shutil.copy(train_img, Path(fourth["holdout"].dir) / "val" / "good" / "intruder.png")
+    with pytest.raises(LeakageError, match="also in the SFT train split"):
+        prepare_flow(cfg)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/run.json")]
+    (failed,) = [r for r in records if r["status"] == "failed"]
+    assert "LeakageError" in failed["error"] and len(records) == 5
