@@ -64,10 +64,130 @@ MANIFEST = pa.schema(
     ]
 )
 
+# ---- routing and decisions (saec.tasks.routing)
+
+ROUTING = pa.schema(
+    [
+        ("image_id", _str),
+        ("complexity", _f64),
+        ("complexity_rank", _i32),  # 0 = most complex
+        ("branch", _str),  # "edge" | "cloud"
+        ("reason", _str),  # complexity_quota | edge_confident_good | edge_confident_defect | edge_uncertain
+        ("edge_verdict", pa.int8()),  # null where the edge did not see the image
+    ]
+)
+DECISIONS = pa.schema(
+    [
+        ("image_id", _str),
+        ("label", pa.int8()),
+        ("pred", pa.int8()),
+        ("correct", _bool),
+        ("branch", _str),
+        ("reason", _str),
+        ("score", _f64),  # P(defect) behind the decision where the deciding model gives one
+        ("system", _str),
+    ]
+)
+
+# ---- cloud branch (saec.tasks.cloud)
+
+# One row per scored image.
+CLOUD_SCORES = pa.schema(
+    [
+        ("image_id", _str),
+        ("path", _str),
+        ("p_defect", _f64),  # softmax over the two label logits (or over mean answer log-probs with TTA)
+        ("pred", pa.int8()),  # 1 iff p_defect >= threshold
+        ("threshold", _f64),
+        ("logit_0", _f32),  # next-token logit of "0"; with TTA the mean summed log-prob of "Label: 0"
+        ("logit_1", _f32),
+        ("score_kind", _str),  # "label_logit" | "answer_logprob_mean"
+        ("family", _str),  # "qwen2_5_vl" | "llava"
+        ("model_id", _str),  # identity of the base model (config + weights)
+        ("adapter_id", _str),  # content hash of the adapter folder; null without one
+        ("impl", _str),  # "reference" | "fast"
+        ("tta", _str),  # "none" | "five_crop"
+        ("resize", _i32),  # square side before the processor; -1 = original size
+        ("width", _i32),  # image size given to the processor (first crop with TTA)
+        ("height", _i32),
+        ("batch_index", _i32),
+        ("batch_size", _i32),
+        ("batch_seconds", _f64),  # compute time of the image's batch (device synchronised)
+        ("wait_seconds", _f64),  # time the compute loop waited for that batch's data
+        ("explain_status", _str),  # not_requested | not_defect | ok | invalid
+        ("explain_raw", _str),  # generated text; null where nothing was generated
+        ("explain_bboxes", _str),  # validated JSON {"bboxes": [[x0, y0, x1, y1], ...]}
+        ("explain_desc", _str),
+        ("explain_error", _str),  # why an explanation is invalid
+    ]
+)
+# One row per optimizer step of cloud-model training.
+CLOUD_TRAIN_LOG = pa.schema(
+    [
+        ("step", _i64),  # optimizer step, from 1
+        ("epoch", _i32),  # from 0
+        ("loss", _f64),  # mean answer-token loss over the step's micro-batches
+        ("lr", _f64),
+        ("grad_norm", _f64),  # before clipping; null without clipping
+        ("images", _i32),
+        ("answer_tokens", _i64),
+        ("tokens", _i64),  # attended tokens, image tokens included
+        ("images_per_s", _f64),
+        ("tokens_per_s", _f64),
+        ("step_seconds", _f64),
+        ("elapsed_s", _f64),  # training seconds since the start, summed over resumed sessions
+        ("session", _i32),  # 0 for the first process, +1 for each resume
+    ]
+)
+
+# ---- edge branch and scene complexity (saec.tasks.edge, saec.tasks.complexity)
+
+# One row per image the edge classifier saw.
+EDGE_PREDICTIONS = pa.schema(
+    [
+        ("image_id", _str),
+        ("path", _str),
+        ("p_defect", _f64),  # probability of class "defect" (supervised); null for imagenet_rule
+        ("smax", _f64),  # top-1 softmax probability
+        ("margin", _f64),  # top-1 minus top-2 probability
+        ("entropy", _f64),  # softmax entropy / ln(number of classes), in [0, 1]
+        ("top1_class", _i32),  # index of the top-1 class
+        ("top1_name", _str),  # its name (ImageNet class, or "good"/"defect")
+        ("verdict", pa.int8()),  # 0 good, 1 defect: the seed's rule (imagenet_rule) or p_defect >= threshold
+        ("mode", _str),  # "imagenet_rule" | "supervised"
+        ("runtime", _str),  # "onnxruntime" | "torch"
+        ("model_id", _str),  # sha256 (16 hex) of the weights file; "yaml-..." for a model built from a .yaml
+        ("imgsz", _i32),
+        ("batch_index", _i32),
+        ("batch_seconds", _f64),  # inference time of the image's batch (decode excluded)
+        ("wait_seconds", _f64),  # time the inference loop waited for that batch's decoded images
+    ]
+)
+# One row per image: the seed's scene complexity and its five components.
+COMPLEXITY = pa.schema(
+    [
+        ("image_id", _str),
+        ("path", _str),
+        ("complexity", _f64),  # 0.30 H + 0.25 E + 0.20 log1p(L)/8 + 0.15 G/16 + 0.10 R/255
+        ("H", _f64),  # grey-histogram entropy / ln 256
+        ("E", _f64),  # mean of the Canny(64, 128) edge map, values 0/255 (so E lies in [0, 255])
+        ("L", _f64),  # variance of the Laplacian
+        ("G", _f64),  # mean Sobel gradient magnitude
+        ("R", _f64),  # mean |image - JPEG(quality 30) re-encoding|
+        ("cpx_size", _i32),  # side of the square grey resize the components are computed on
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "source_images": SOURCE_IMAGES,
     "quarantine": QUARANTINE,
     "manifest": MANIFEST,
+    "edge_predictions": EDGE_PREDICTIONS,
+    "complexity": COMPLEXITY,
+    "routing": ROUTING,
+    "decisions": DECISIONS,
+    "cloud_scores": CLOUD_SCORES,
+    "cloud_train_log": CLOUD_TRAIN_LOG,
 }
 
 

@@ -1,0 +1,179 @@
+"""Background telemetry: one sample row every `interval_s` while a system runs.
+
+Sources, each used only where the machine exposes it:
+- NVML (nvidia-ml-py): GPU utilisation, power draw and memory of one GPU;
+- psutil: CPU utilisation and resident memory of this process and its children;
+- RAPL (/sys/class/powercap/intel-rapl:*): cumulative CPU package energy.
+
+Energy is integrated from what was measured: GPU power over time (trapezoids)
+and the RAPL counter's increase. Nothing is estimated; the summary lists which
+sources were counted, and energy is None where none was.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+RAPL_ROOT = Path("/sys/class/powercap")
+
+
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    interval_s: float = Field(0.2, gt=0.0, le=60.0)
+    gpu_index: int = Field(0, ge=0)
+
+
+def _rapl_packages() -> list[tuple[Path, int]]:
+    """(energy_uj file, wrap-around range) of each readable CPU package domain."""
+    out = []
+    for dom in sorted(RAPL_ROOT.glob("intel-rapl:*")):
+        if dom.name.count(":") != 1:  # sub-domains (core, uncore, dram) are inside the package figure
+            continue
+        f = dom / "energy_uj"
+        try:
+            int(f.read_text())
+            rng = int((dom / "max_energy_range_uj").read_text())
+        except (OSError, ValueError):
+            continue
+        out.append((f, rng))
+    return out
+
+
+class _NVML:
+    def __init__(self, index: int):
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.name = pynvml.nvmlDeviceGetName(self.handle)
+        except Exception as exc:  # no driver, no GPU: recorded, not fatal
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def read(self) -> tuple[float, float, float]:
+        nv, h = self.nv, self.handle
+        util = nv.nvmlDeviceGetUtilizationRates(h).gpu
+        power = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+        mem = nv.nvmlDeviceGetMemoryInfo(h).used
+        return float(util), float(power), float(mem)
+
+
+@dataclass
+class Sampler:
+    """Start it, run the work, stop it: `stop()` returns the samples as a DataFrame."""
+
+    cfg: TelemetryConfig = field(default_factory=TelemetryConfig)
+    rows: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="saec-telemetry", daemon=True)
+        self._proc = psutil.Process()
+        self._gpu = _NVML(self.cfg.gpu_index)
+        self._rapl = _rapl_packages()
+        self._rapl_last: list[int] = []
+        self._rapl_total = 0
+
+    @property
+    def sources(self) -> list[str]:
+        out = ["psutil"]
+        if self._gpu.handle is not None:
+            out.append("nvml")
+        if self._rapl:
+            out.append("rapl")
+        return out
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [self._proc, *self._proc.children(recursive=True)]
+        except psutil.Error:
+            return [self._proc]
+
+    def _sample(self) -> dict:
+        cpu = rss = 0.0
+        for p in self._tree():
+            try:
+                cpu += p.cpu_percent(None)
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        row = {"t": time.perf_counter() - self._t0, "cpu_percent": cpu, "rss_bytes": rss}
+        if self._gpu.handle is not None:
+            row["gpu_util"], row["gpu_power_w"], row["gpu_mem_bytes"] = self._gpu.read()
+        if self._rapl:
+            now = [int(f.read_text()) for f, _ in self._rapl]
+            if self._rapl_last:
+                for (_, rng), a, b in zip(self._rapl, self._rapl_last, now):
+                    self._rapl_total += b - a if b >= a else b + rng - a  # counter wrapped
+            self._rapl_last = now
+            row["cpu_energy_j"] = self._rapl_total / 1e6
+        return row
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.rows.append(self._sample())
+            self._stop.wait(self.cfg.interval_s)
+
+    def start(self) -> "Sampler":
+        self._t0 = time.perf_counter()
+        for p in self._tree():
+            try:
+                p.cpu_percent(None)  # prime psutil's per-process CPU counters
+            except psutil.Error:
+                pass
+        self._thread.start()
+        return self
+
+    def stop(self) -> pd.DataFrame:
+        self._stop.set()
+        self._thread.join()
+        self.rows.append(self._sample())  # a closing sample so the integral covers the whole run
+        cols = ["t", "cpu_percent", "rss_bytes", "gpu_util", "gpu_power_w", "gpu_mem_bytes", "cpu_energy_j"]
+        return pd.DataFrame(self.rows).reindex(columns=cols).astype(float)
+
+    def __enter__(self) -> "Sampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self.samples = self.stop()
+
+
+def summarize(samples: pd.DataFrame, sources: list[str]) -> dict:
+    """Averages and integrated energy of one run's samples."""
+    out: dict = {
+        "samples": len(samples),
+        "cpu_percent_avg": float(samples.cpu_percent.mean()) if len(samples) else None,
+        "cpu_mem_avg_gb": float(samples.rss_bytes.mean() / 1e9) if len(samples) else None,
+        "cpu_mem_peak_gb": float(samples.rss_bytes.max() / 1e9) if len(samples) else None,
+        "gpu_util_avg": None,
+        "gpu_power_avg_w": None,
+        "gpu_energy_wh": None,
+        "cpu_energy_wh": None,
+    }
+    if "nvml" in sources and samples.gpu_power_w.notna().any():
+        t, w = samples.t.to_numpy(), samples.gpu_power_w.to_numpy()
+        out["gpu_util_avg"] = float(samples.gpu_util.mean())
+        out["gpu_power_avg_w"] = float(np.nanmean(w))
+        out["gpu_energy_wh"] = float(np.trapezoid(w, t) / 3600.0) if len(t) > 1 else 0.0
+    if "rapl" in sources and samples.cpu_energy_j.notna().any():
+        out["cpu_energy_wh"] = float(samples.cpu_energy_j.iloc[-1] / 3600.0)
+    counted = [k for k in ("gpu_energy_wh", "cpu_energy_wh") if out[k] is not None]
+    out["energy_wh"] = float(sum(out[k] for k in counted)) if counted else None
+    out["energy_sources"] = ",".join(k.split("_")[0] for k in counted) or "none measurable on this machine"
+    return out
+
+
+def energy_per_correct_mwh(energy_wh: float | None, correct: int) -> float | None:
+    if energy_wh is None or correct <= 0:
+        return None
+    return energy_wh * 1000.0 / correct

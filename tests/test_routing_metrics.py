@@ -1,0 +1,101 @@
+"""Routing rules, merge, metrics and telemetry summaries on hand-checked tables."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saec.artifacts.store import write_table
+from saec.tasks.metrics import auroc, classification_metrics
+from saec.tasks.routing import RoutingConfig, complexity_quota, merge_decisions, route_images
+from saec.tasks.telemetry import Sampler, TelemetryConfig, energy_per_correct_mwh, summarize
+
+IDS = [f"img{i}" for i in range(10)]
+
+
+def _complexity():
+    return pd.DataFrame({"image_id": IDS, "complexity": [0.9, 0.1, 0.8, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.7]})
+
+
+def _edge():
+    # columns as the edge stage writes them; smax/margin/entropy describe confidence in the verdict
+    return pd.DataFrame(
+        {
+            "image_id": IDS,
+            "verdict": [0, 0, 1, 1, 1, 0, 0, 1, 0, 0],
+            "smax": [0.9, 0.9, 0.9, 0.95, 0.6, 0.5, 0.99, 0.97, 0.9, 0.9],
+            "margin": [0.8, 0.8, 0.8, 0.9, 0.05, 0.0, 0.98, 0.94, 0.8, 0.8],
+            "entropy": [0.3, 0.3, 0.3, 0.2, 0.9, 1.0, 0.05, 0.1, 0.3, 0.3],
+            "p_defect": [0.1, 0.1, 0.9, 0.95, 0.6, 0.5, 0.01, 0.97, 0.1, 0.1],
+        }
+    )
+
+
+def test_quota_takes_the_most_complex_share_with_stable_ties():
+    ranked = complexity_quota(_complexity(), 0.3)
+    assert list(ranked[ranked.to_cloud].image_id) == ["img0", "img2", "img8"]  # img8 before img9: tie by id
+    assert complexity_quota(_complexity(), 0.0).to_cloud.sum() == 0
+    assert complexity_quota(_complexity(), 1.0).to_cloud.all()
+
+
+def test_routing_keeps_confident_verdicts_both_ways_and_says_why():
+    ranked = complexity_quota(_complexity(), 0.3)
+    table = route_images(ranked, _edge(), RoutingConfig()).set_index("image_id")
+    assert table.loc["img0", "reason"] == "complexity_quota" and pd.isna(table.loc["img0", "edge_verdict"])
+    assert table.loc["img1", "reason"] == "edge_confident_good"
+    assert table.loc["img3", "reason"] == "edge_confident_defect" and table.loc["img3", "branch"] == "edge"
+    assert table.loc["img4", "reason"] == "edge_uncertain"  # defect verdict, margin 0.05 < 0.08
+    assert table.loc["img5", "reason"] == "edge_uncertain"  # smax 0.5 < 0.55
+    assert table.loc["img7", "reason"] == "edge_confident_defect"
+    write_table(table.reset_index(), "routing", "/tmp/saec-routing-test.parquet")  # fits its schema
+    no_bidir = route_images(ranked, _edge(), RoutingConfig(keep_bidir=False)).set_index("image_id")
+    assert no_bidir.loc["img3", "reason"] == "edge_uncertain" and no_bidir.loc["img3", "branch"] == "cloud"
+    with pytest.raises(ValueError, match="no edge prediction"):
+        route_images(ranked, _edge().iloc[3:], RoutingConfig())
+
+
+def test_merge_uses_edge_where_kept_and_cloud_threshold_elsewhere():
+    ranked = complexity_quota(_complexity(), 0.3)
+    routing = route_images(ranked, _edge(), RoutingConfig())
+    labels = pd.DataFrame({"image_id": IDS, "label": [1, 0, 1, 1, 1, 0, 0, 1, 0, 1]})
+    cloud = pd.DataFrame({"image_id": IDS, "p_defect": [0.3, 0, 0.2, 0, 0.9, 0.1, 0, 0, 0.25, 0.27]})
+    d = merge_decisions(labels, routing, _edge(), cloud, RoutingConfig(cloud_thr=0.26)).set_index("image_id")
+    assert d.loc["img0", "pred"] == 1  # cloud 0.3 >= 0.26
+    assert d.loc["img2", "pred"] == 0  # cloud 0.2, although the edge said defect
+    assert d.loc["img3", "pred"] == 1 and d.loc["img3", "branch"] == "edge"
+    assert d.loc["img8", "pred"] == 0  # quota image, cloud 0.25 < 0.26
+    assert d.loc["img9", "pred"] == 0 and d.loc["img9", "branch"] == "edge"  # confident good edge verdict stands
+    m = classification_metrics(d.reset_index())
+    assert m["n"] == 10 and m["correct"] == int(d.correct.sum())
+    assert m["tp"] + m["fn"] == 6 and m["cloud_share"] == pytest.approx((d.branch == "cloud").mean())
+    with pytest.raises(ValueError, match="no cloud score"):
+        merge_decisions(labels, routing, _edge(), cloud.iloc[1:], RoutingConfig())
+
+
+def test_metrics_by_hand():
+    d = pd.DataFrame({"label": [0, 0, 0, 1, 1], "pred": [0, 0, 1, 1, 0], "branch": ["edge"] * 4 + ["cloud"],
+                      "score": [0.1, 0.2, 0.7, 0.9, 0.4]})  # fmt: skip
+    m = classification_metrics(d)
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (2, 1, 1, 1)
+    assert m["accuracy"] == pytest.approx(0.6) and m["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert m["auroc"] == pytest.approx(5 / 6)  # pairs (pos, neg) ranked right: 5 of 6
+    assert auroc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+    assert classification_metrics(d.assign(score=np.nan))["auroc"] is None
+
+
+def test_telemetry_integrates_what_it_measured():
+    samples = pd.DataFrame({"t": [0.0, 1.0, 2.0], "cpu_percent": [100.0] * 3, "rss_bytes": [1e9, 2e9, 3e9],
+                            "gpu_util": [50.0, 100.0, 50.0], "gpu_power_w": [100.0, 300.0, 100.0],
+                            "gpu_mem_bytes": [0.0] * 3, "cpu_energy_j": [0.0, 1800.0, 3600.0]})  # fmt: skip
+    s = summarize(samples, ["psutil", "nvml", "rapl"])
+    assert s["gpu_energy_wh"] == pytest.approx(400.0 / 3600.0)  # trapezoids: 200 + 200 J
+    assert s["cpu_energy_wh"] == pytest.approx(1.0) and s["energy_sources"] == "gpu,cpu"
+    assert s["cpu_mem_avg_gb"] == pytest.approx(2.0)
+    assert energy_per_correct_mwh(s["energy_wh"], 10) == pytest.approx((1.0 + 400 / 3600) * 100)
+    only_cpu = summarize(samples, ["psutil"])
+    assert only_cpu["energy_wh"] is None and "none measurable" in only_cpu["energy_sources"]
+
+    sampler = Sampler(TelemetryConfig(interval_s=0.05)).start()
+    _ = sum(i * i for i in range(300_000))
+    live = sampler.stop()
+    assert len(live) >= 2 and live.rss_bytes.gt(0).all() and live.t.is_monotonic_increasing
