@@ -218,8 +218,8 @@ class RunFolder:
             return None
         return cls(path, record["run_id"], record["flow"], record)
 
-    def add_stage(self, result: StageResult, state: str) -> None:
-        self.record["stages"][result.stage] = {
+    def add_stage(self, result: StageResult, state: str, name: str | None = None) -> None:
+        self.record["stages"][name or result.stage] = {
             "state": state,
             "key": result.key,
             "dir": result.dir,

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task
+from prefect.futures import PrefectFuture
 
 from saec.artifacts.store import RunFolder, StageResult
 
@@ -13,7 +14,7 @@ def _outputs_present(result: StageResult) -> bool:
     return Path(result.dir).is_dir() and all(Path(ref.path).exists() for ref in result.outputs.values())
 
 
-def call_stage(run: RunFolder, task: Task, **params: Any) -> StageResult:
+def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
     """Run a cached stage task and record in the run folder whether it ran or hit the cache.
 
     If Prefect holds a cached result whose files were deleted from the store, the task
@@ -24,5 +25,16 @@ def call_stage(run: RunFolder, task: Task, **params: Any) -> StageResult:
     if not _outputs_present(result):
         state = task.with_options(refresh_cache=True)(**params, return_state=True)
         result = state.result()
-    run.add_stage(result, "cached" if state.name == "Cached" else "ran")
+    run.add_stage(result, "cached" if state.name == "Cached" else "ran", name)
+    return result
+
+
+def collect(run: RunFolder, future: PrefectFuture, name: str, task: Task, **params: Any) -> StageResult:
+    """Wait for a submitted stage task and record it like `call_stage` does."""
+    result: StageResult = future.result()
+    state = future.state
+    if not _outputs_present(result):
+        state = task.with_options(refresh_cache=True)(**params, return_state=True)
+        result = state.result()
+    run.add_stage(result, "cached" if state.name == "Cached" else "ran", name)
     return result

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from saec.artifacts.store import Store
+from saec.artifacts.store import RunFolder, Store
 from saec.config import PipelineConfig
 from saec.flows.common import call_stage
 from saec.tasks.data import fingerprint, holdout_task, ksdd2_task, leakage_task, scan_ksdd2, scan_mvtec
@@ -13,7 +13,7 @@ from saec.tasks.sft import sft_task
 from saec.tasks.synth import synth_task
 
 
-def source_roots(cfg: PipelineConfig, run) -> tuple[Path | None, Path | None]:
+def source_roots(cfg: PipelineConfig, run: RunFolder) -> tuple[Path | None, Path | None]:
     """The MVTec AD and KolektorSDD2 folders this run reads: the user's, or freshly synthesized ones."""
     if cfg.data.source == "folders":
         return cfg.data.mvtec_root, cfg.data.ksdd2_root
@@ -21,27 +21,31 @@ def source_roots(cfg: PipelineConfig, run) -> tuple[Path | None, Path | None]:
     return Path(synth.dir) / "mvtec_ad", Path(synth.dir) / "ksdd2"
 
 
-@flow(name="prepare", log_prints=True)
-def prepare_flow(cfg: PipelineConfig, run_id: str | None = None) -> dict:
-    """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set, and check leakage."""
+def prepare_stages(cfg: PipelineConfig, run: RunFolder) -> dict:
+    """Run (or take from cache) every preparation stage; stop on leakage."""
     store = str(cfg.store.root)
-    run = Store(store).new_run("prepare") if run_id is None else Store(store).open_run(run_id)
-    out: dict = {"run_id": run.run_id}
+    out: dict = {}
+    mvtec_root, ksdd2_root = source_roots(cfg, run)
+    if mvtec_root is not None:
+        scan = call_stage(run, scan_mvtec, store=store, source=fingerprint(mvtec_root, "mvtec_ad"), cfg=cfg.scan)
+        sft = call_stage(run, sft_task, store=store, scan=scan, cfg=cfg.sft)
+        holdout = call_stage(run, holdout_task, store=store, scan=scan, sft=sft, cfg=cfg.holdout)
+        run.record["checks"] = {"leakage": leakage_task(holdout, sft)}
+        out.update(scan_mvtec=scan, sft=sft, holdout=holdout)
+    if ksdd2_root is not None:
+        kscan = call_stage(run, scan_ksdd2, store=store, source=fingerprint(ksdd2_root, "ksdd2"), cfg=cfg.scan)
+        out.update(scan_ksdd2=kscan, ksdd2_1to1=call_stage(run, ksdd2_task, store=store, scan=kscan, cfg=cfg.ksdd2))
+    return out
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(cfg: PipelineConfig) -> dict:
+    """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set, and check leakage."""
+    run = Store(cfg.store.root).new_run("prepare")
     try:
-        mvtec_root, ksdd2_root = source_roots(cfg, run)
-        if mvtec_root is not None:
-            scan = call_stage(run, scan_mvtec, store=store, source=fingerprint(mvtec_root, "mvtec_ad"), cfg=cfg.scan)
-            sft = call_stage(run, sft_task, store=store, scan=scan, cfg=cfg.sft)
-            holdout = call_stage(run, holdout_task, store=store, scan=scan, sft=sft, cfg=cfg.holdout)
-            run.record["checks"] = {"leakage": leakage_task(holdout, sft)}
-            out.update(scan_mvtec=scan, sft=sft, holdout=holdout)
-        if ksdd2_root is not None:
-            kscan = call_stage(run, scan_ksdd2, store=store, source=fingerprint(ksdd2_root, "ksdd2"), cfg=cfg.scan)
-            out.update(scan_ksdd2=kscan, ksdd2_1to1=call_stage(run, ksdd2_task, store=store, scan=kscan, cfg=cfg.ksdd2))
+        out = prepare_stages(cfg, run)
     except BaseException as exc:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    if run_id is None:
-        run.finish("completed")
-    out["run"] = run
-    return out
+    run.finish("completed")
+    return out | {"run": run}

@@ -82,16 +82,135 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
+def _results_table(name: str, systems: list[dict]) -> Table:
+    table = Table(title=f"results: {name}")
+    cols = [("system", None), ("accuracy %", "accuracy"), ("balanced %", "balanced_accuracy"),
+            ("cloud share %", "cloud_share"), ("wall s", "wall_s"), ("serial s", "serial_s"),
+            ("energy/correct mWh", "energy_per_correct_mwh"), ("CPU mem GB", "cpu_mem_avg_gb")]  # fmt: skip
+    for title, _ in cols:
+        table.add_column(title, justify="right" if _ else "left")
+    pct = {"accuracy", "balanced_accuracy", "cloud_share"}
+    for row in systems:
+        cells = [row["system"]]
+        for _, key in cols[1:]:
+            v = row.get(key)
+            cells.append("n/a" if v is None else f"{100 * v:.1f}" if key in pct else f"{v:.3g}")
+        table.add_row(*cells)
+    return table
+
+
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    operating_point: Annotated[Optional[str], typer.Option(help="SWEEP.parquet:POINT from `saec sweep`")] = None,
+) -> None:
     """The whole pipeline on the configured data (by default the embedded synthetic data)."""
-    cfg = _load(config, set_)
-    from saec.flows.prepare import prepare_flow
+    overrides = list(set_ or [])
+    if operating_point:
+        import pandas as pd
+
+        from saec.tasks.sweep import operating_point_overrides
+
+        path, _, point = operating_point.rpartition(":")
+        if not path or not point.isdigit():
+            console.print("[red]error:[/red] --operating-point takes SWEEP.parquet:POINT")
+            raise typer.Exit(2)
+        overrides = operating_point_overrides(pd.read_parquet(path), int(point)) + overrides
+    cfg = _load(config, overrides)
+    from saec.flows.pipeline import pipeline_flow
 
     t0 = time.perf_counter()
-    out = prepare_flow(cfg)
+    out = pipeline_flow(cfg)
     _report_prepare(out)
+    for name, report in out["reports"].items():
+        console.print(_results_table(name, report.info["systems"]))
+        for note in report.info["notes"]:
+            console.print(f"  - {note}")
+        console.print(f"  report: {report.path('markdown')}  figure: {report.path('figure')}")
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+def _pick_run(store_root: Path, run_id: str | None, flow: str = "pipeline"):
+    from saec.artifacts.store import Store
+
+    store = Store(store_root)
+    if run_id:
+        return store.open_run(run_id)
+    runs = [r for r in store.runs() if r.flow == flow and r.record.get("status") == "completed"]
+    if not runs:
+        console.print(f"[red]error:[/red] no completed {flow} run in {store.root}; run `saec run` first")
+        raise typer.Exit(2)
+    return runs[-1]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_id: Annotated[Optional[str], typer.Option("--run", help="pipeline run to sweep (default: the latest)")] = None,
+    dataset: Annotated[str, typer.Option(help="evaluation set")] = "mvtec_holdout",
+    choose: Annotated[Optional[int], typer.Option(help="mark this operating point and print how to run it")] = None,
+) -> None:
+    """Recompute SAEC's routing and metrics over a threshold grid from cached tables; no model runs."""
+    import pandas as pd
+
+    from saec.artifacts.store import read_table
+    from saec.tasks.sweep import operating_point_overrides, plot_sweep, sweep
+
+    cfg = _load(config, set_)
+    run_ = _pick_run(cfg.store.root, run_id)
+    stages = run_.record["stages"]
+    need = [f"{dataset}/complexity", f"{dataset}/edge_only", f"{dataset}/cloud_only"]
+    missing = [n for n in need if n not in stages]
+    if missing:
+        console.print(f"[red]error:[/red] run {run_.run_id} lacks {missing}: the sweep needs the saec, edge_only and cloud_only systems")
+        raise typer.Exit(2)
+    src = "holdout" if dataset == "mvtec_holdout" else dataset
+    labels = read_table(stages[src]["outputs"]["manifest"]["path"])[["image_id", "label"]]
+
+    def cost(name: str) -> dict:
+        st = stages[name]
+        n, sec = st["info"]["images"], st["info"]["seconds"]
+        wh = (st["info"].get("telemetry") or {}).get("energy_wh")
+        return {"s_per_image": sec / n, "wh_per_image": wh / n if wh is not None else None}
+
+    table = sweep(
+        labels,
+        read_table(stages[need[0]]["outputs"]["complexity"]["path"]),
+        read_table(stages[need[1]]["outputs"]["predictions"]["path"]),
+        read_table(stages[need[2]]["outputs"]["scores"]["path"]),
+        cost(need[1]),
+        cost(need[2]),
+    )
+    out = run_.path / f"sweep-{dataset}"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "sweep.parquet", index=False)
+    plot_sweep(table, out / "sweep.png", f"routing sweep: {dataset} (run {run_.run_id})", choose)
+    front = table[table.pareto].sort_values("cloud_share")
+    console.print(f"{len(table)} operating points, {len(front)} on the Pareto front (accuracy vs cloud share):")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        console.print(front[["point", *[c for c in table.columns if c in ("init_q_ratio", "smax_thr", "margin_thr", "ent_thr", "keep_bidir", "cloud_thr")], "accuracy", "cloud_share", "est_seconds"]].to_string(index=False))
+    console.print(f"table: {out / 'sweep.parquet'}  plot: {out / 'sweep.png'}")
+    if choose is not None:
+        flags = " ".join(f"--set {o}" for o in operating_point_overrides(table, choose))
+        console.print(f"run point {choose}: saec run --operating-point {out / 'sweep.parquet'}:{choose}\n  (same as: saec run {flags})")
+
+
+@app.command("runs")
+def runs_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """List the runs in the artifact store."""
+    from saec.artifacts.store import Store
+
+    cfg = _load(config, set_)
+    table = Table(title=str(cfg.store.root))
+    for col in ("run", "flow", "status", "started", "wall s", "stages ran/cached"):
+        table.add_column(col)
+    for r in Store(cfg.store.root).runs():
+        states = [s["state"] for s in r.record["stages"].values()]
+        table.add_row(r.run_id, r.flow, r.record.get("status", "?"), r.record.get("started", ""),
+                      str(r.record.get("wall_s", "")), f"{states.count('ran')}/{states.count('cached')}")  # fmt: skip
+    console.print(table)
 
 
 @app.command()

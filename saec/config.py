@@ -13,8 +13,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from saec.datasets.synthetic import SyntheticConfig
+from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
+from saec.tasks.complexity import ComplexityConfig
 from saec.tasks.data import HoldoutConfig, KSDD2Config, ScanConfig
+from saec.tasks.edge.config import EdgeConfig
+from saec.tasks.routing import RoutingConfig
 from saec.tasks.sft import SFTConfig
+from saec.tasks.telemetry import TelemetryConfig
+
+SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,62 @@ class DataConfig(BaseModel):
         return self
 
 
+class CloudConfig(BaseModel):
+    """The cloud model: the user's Qwen2.5-VL folder, or the embedded tiny one built from `tiny`.
+
+    `train` and `score` override fields of the training and scoring configs
+    (saec.tasks.cloud.config); `baseline_score` is what the zero-shot baselines use (the
+    seed: 448 px, batch 16). With `model` unset, the embedded recipe applies: the tiny model
+    trains its LoRA adapters *and* its vision tower (a randomly initialised tower cannot
+    see through LoRA alone), on the CPU, in float32, at the tiny model's image size.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="local Hugging Face folder or hub id; None = embedded tiny model")
+    adapter: str | None = Field(None, description="use this trained adapter instead of training one")
+    llava_model: str | None = Field(None, description="LLaVA-1.5 folder for the baseline; None = embedded tiny one")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    train: dict[str, Any] = Field(default_factory=dict)
+    score: dict[str, Any] = Field(default_factory=dict)
+    baseline_score: dict[str, Any] = Field(default_factory=lambda: {"resize": 448, "batch_size": 16})
+
+    @property
+    def embedded(self) -> bool:
+        return self.model is None
+
+    def train_config(self, model_path: str) -> CloudTrainConfig:
+        if self.embedded:
+            return CloudTrainConfig.tiny(model_path, **self.train)
+        return CloudTrainConfig(model=model_path, **self.train)
+
+    def score_config(self, model_path: str, baseline: bool = False, threshold: float = 0.26) -> CloudScoreConfig:
+        values: dict[str, Any] = {"model": model_path, "threshold": threshold}
+        if self.embedded:
+            values |= {"resize": self.tiny.image_size, "device": "cpu", "dtype": "float32", "batch_size": 16}
+        values |= self.baseline_score if baseline and not self.embedded else {}
+        values |= self.score
+        return CloudScoreConfig(**values)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CloudConfig":
+        self.train_config("model")  # every override is validated here, before any work starts
+        self.score_config("model")
+        self.score_config("model", baseline=True)
+        if self.adapter is not None and not Path(self.adapter).expanduser().is_dir():
+            raise ValueError(f"cloud.adapter={self.adapter} is not an existing folder")
+        return self
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    systems: list[Literal["saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot"]] = Field(
+        default_factory=lambda: list(SYSTEMS)
+    )
+    datasets: list[Literal["mvtec_holdout", "ksdd2_1to1"]] = Field(
+        default_factory=lambda: ["mvtec_holdout", "ksdd2_1to1"]
+    )
+
+
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(Path("artifacts/store"), description="artifact store folder (git-ignored)")
@@ -54,6 +117,12 @@ class PipelineConfig(BaseModel):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
     ksdd2: KSDD2Config = Field(default_factory=KSDD2Config)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
+    complexity: ComplexityConfig = Field(default_factory=ComplexityConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
 

@@ -22,6 +22,14 @@ from saec.artifacts.store import StageResult, Store
 STAGE_TASK: dict[str, Any] = {"persist_result": True, "cache_expiration": None}
 
 
+class ModelRef(BaseModel):
+    """A model folder (or weights file) and its identity hash."""
+
+    kind: str
+    path: str
+    sha256: str
+
+
 class DatasetRef(BaseModel):
     """A source dataset folder and the content hash of everything in it."""
 
@@ -34,7 +42,7 @@ class DatasetRef(BaseModel):
 def _keyable(value: Any) -> Any:
     if isinstance(value, StageResult):
         return {"stage": value.stage, "digest": value.digest()}
-    if isinstance(value, DatasetRef):
+    if isinstance(value, (DatasetRef, ModelRef)):
         return {"kind": value.kind, "sha256": value.sha256}
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -52,8 +60,12 @@ def _code(modules: tuple[str, ...]) -> str:
     return code_version(*modules)
 
 
+# Parameters that say where or how to observe a stage, not what it computes.
+NOT_KEYED = frozenset({"store", "telemetry", "label"})
+
+
 def stage_key(stage: str, modules: Iterable[str], params: dict[str, Any]) -> str:
-    inputs = {k: _keyable(v) for k, v in sorted(params.items()) if k != "store"}
+    inputs = {k: _keyable(v) for k, v in sorted(params.items()) if k not in NOT_KEYED}
     return hash_obj({"stage": stage, "code": _code(tuple(sorted(set(modules)))), "inputs": inputs})[:24]
 
 
@@ -79,13 +91,23 @@ def run_stage(
     stage: str,
     modules: Iterable[str],
     params: dict[str, Any],
-    build: Callable[[Path], tuple[dict[str, Path], dict[str, Any]]],
+    build: Callable[..., tuple[dict[str, Path], dict[str, Any]]],
+    *,
+    work_dir: bool = False,
 ) -> StageResult:
-    """Return the stage output for these params, building it only if the store lacks it."""
+    """Return the stage output for these params, building it only if the store lacks it.
+
+    With `work_dir=True`, `build(out, work)` also gets a folder that survives a failed or
+    interrupted build (checkpoints live there, so a re-run resumes).
+    """
     caller = sys._getframe(1).f_globals["__name__"]
     key = stage_key(stage, (*_BASE_MODULES, caller, *modules), params)
     st = Store(store)
     existing = st.load_stage(stage, key)
     if existing is not None:
         return existing
+    if work_dir:
+        work = st.root / "work" / stage / key
+        work.mkdir(parents=True, exist_ok=True)
+        return st.build_stage(stage, key, lambda out: build(out, work))
     return st.build_stage(stage, key, build)

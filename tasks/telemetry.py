@@ -177,3 +177,15 @@ def energy_per_correct_mwh(energy_wh: float | None, correct: int) -> float | Non
     if energy_wh is None or correct <= 0:
         return None
     return energy_wh * 1000.0 / correct
+
+
+def measure(fn, cfg: TelemetryConfig | None = None):
+    """Run `fn()` under a sampler: (its value, summary with wall_s, samples)."""
+    sampler = Sampler(cfg or TelemetryConfig()).start()
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    finally:
+        wall = time.perf_counter() - t0
+        samples = sampler.stop()
+    return value, summarize(samples, sampler.sources) | {"wall_s": wall}, samples

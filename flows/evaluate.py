@@ -1,0 +1,159 @@
+"""Flow `evaluate`: SAEC and its baselines on one evaluation set, each measured.
+
+SAEC runs as the design describes it: complexity -> complexity quota -> the cloud starts
+on the quota images *while* the edge classifies the rest -> the images the edge is unsure
+of follow to the cloud -> merge. Its wall time is measured around that section, with the
+serial sum of the same stages' measured times beside it. Each baseline runs alone and is
+measured inside its own stage.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from saec.artifacts.hashing import hash_obj
+from saec.artifacts.store import RunFolder, StageResult, Store, write_json_atomic, write_table
+from saec.config import PipelineConfig
+from saec.flows.common import call_stage, collect
+from saec.tasks.cloud.task import score_cloud
+from saec.tasks.edge.task import predict_edge_task
+from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
+from saec.tasks.stage import ModelRef
+from saec.tasks.telemetry import Sampler, summarize
+
+
+@dataclass
+class Models:
+    """What the systems run: references only."""
+
+    edge: StageResult | None  # trained edge weights (supervised mode), None for the ImageNet rule
+    vlm: ModelRef
+    adapter: ModelRef | None
+    llava: ModelRef | None
+
+
+def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, sft: StageResult, m: Models) -> dict:
+    store, tel = str(cfg.store.root), cfg.telemetry
+    score_cfg = cfg.cloud.score_config(m.vlm.path, threshold=cfg.routing.cloud_thr)
+    rule = cfg.routing.model_dump(include=RULE_FIELDS)
+    sampler = Sampler(tel).start()
+    t0 = time.perf_counter()
+    p_cpx = dict(store=store, images=images, table="manifest", cfg=cfg.complexity, telemetry=tel)
+    cpx = collect(run, complexity_task.submit(**p_cpx), f"{name}/complexity", complexity_task, **p_cpx)
+    p_quota = dict(store=store, images=images, table="manifest", complexity=cpx, ratio=cfg.routing.init_q_ratio)
+    quota = collect(run, quota_task.submit(**p_quota), f"{name}/quota", quota_task, **p_quota)
+    # the cloud starts on the quota images at once; the edge classifies the rest meanwhile
+    p_first = dict(store=store, images=quota, table="cloud_manifest", model=m.vlm, adapter=m.adapter, cfg=score_cfg,
+                   telemetry=tel, label="saec: complexity quota")  # fmt: skip
+    f_first = score_cloud.submit(**p_first)
+    p_edge = dict(store=store, images=quota, table="edge_manifest", trained=m.edge, sft=sft, cfg=cfg.edge,
+                  telemetry=tel, label="saec: edge branch")  # fmt: skip
+    edge = collect(run, predict_edge_task.submit(**p_edge), f"{name}/saec_edge", predict_edge_task, **p_edge)
+    p_route = dict(store=store, images=images, table="manifest", quota=quota, edge=edge, rule=rule)
+    routing = collect(run, route_task.submit(**p_route), f"{name}/routing", route_task, **p_route)
+    p_second = p_first | dict(images=routing, table="cloud_manifest", label="saec: edge unsure")
+    f_second = score_cloud.submit(**p_second, wait_for=[f_first])  # one GPU: after the first cloud batch
+    first = collect(run, f_first, f"{name}/saec_cloud_quota", score_cloud, **p_first)
+    second = collect(run, f_second, f"{name}/saec_cloud_unsure", score_cloud, **p_second)
+    p_merge = dict(store=store, images=images, table="manifest", routing=routing, edge=edge, cloud_first=first,
+                   cloud_second=second, cloud_thr=cfg.routing.cloud_thr)  # fmt: skip
+    merged = call_stage(run, merge_task, name=f"{name}/merge", **p_merge)
+    wall = time.perf_counter() - t0
+    samples = sampler.stop()
+
+    parts = {"complexity": cpx, "edge": edge, "cloud_quota": first, "cloud_unsure": second}
+    ran = [k for k in parts if run.record["stages"][f"{name}/{_stage_name(k)}"]["state"] == "ran"]
+    measurement = {
+        "wall_s": wall,
+        "serial_s": sum(float(p.info.get("seconds", 0.0)) for p in parts.values()),
+        "stage_seconds": {k: p.info.get("seconds", 0.0) for k, p in parts.items()},
+        "telemetry": summarize(samples, sampler.sources),
+        "run_id": run.run_id,
+    }
+    return {"merged": merged, "measurement": _measurement_record(store, parts, ran, measurement, samples)}
+
+
+def _stage_name(part: str) -> str:
+    return {"complexity": "complexity", "edge": "saec_edge", "cloud_quota": "saec_cloud_quota",
+            "cloud_unsure": "saec_cloud_unsure"}[part]  # fmt: skip
+
+
+def _measurement_record(store: str, parts: dict, ran: list[str], fresh: dict, samples) -> dict:
+    """SAEC's cost is what a run measured while its stages executed.
+
+    All stages executed now: this run's measurement is stored under the stages' identity.
+    All came from cache: the stored measurement of the run that executed them is reported.
+    Some of each: this run's figures cover only the executed part, and are labelled so.
+    """
+    st = Store(store)
+    key = hash_obj({k: p.digest() for k, p in parts.items()})[:24]
+    stored = st.load_stage("saec_measure", key)
+    if len(ran) == len(parts) or (stored is None and not ran):
+        fresh["measured"] = "executed" if ran else "cached stages, no stored measurement"
+
+        def build(out):
+            write_table(samples, "telemetry", out / "telemetry.parquet")
+            return {"measurement": write_json_atomic(out / "measurement.json", fresh),
+                    "telemetry": out / "telemetry.parquet"}, fresh  # fmt: skip
+
+        if stored is not None:  # re-measured: replace the older record
+            import shutil
+
+            shutil.rmtree(stored.dir)
+        return st.build_stage("saec_measure", key, build).info
+    if not ran:
+        return stored.info  # says "executed" and names the run that measured it
+    return fresh | {"measured": f"partial: only {', '.join(ran)} executed in this run"}
+
+
+def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResult, dict]:
+    store, tel = str(cfg.store.root), cfg.telemetry
+    common = dict(store=store, images=images, table="manifest", telemetry=tel, label=system)
+    if system == "edge_only":
+        res = call_stage(run, predict_edge_task, name=f"{name}/{system}", trained=m.edge, sft=sft, cfg=cfg.edge, **common)
+    elif system == "cloud_only":
+        score_cfg = cfg.cloud.score_config(m.vlm.path, threshold=cfg.routing.cloud_thr)
+        res = call_stage(run, score_cloud, name=f"{name}/{system}", model=m.vlm, adapter=m.adapter, cfg=score_cfg, **common)
+    else:
+        model = m.vlm if system == "qwen_zeroshot" else m.llava
+        score_cfg = cfg.cloud.score_config(model.path, baseline=True, threshold=cfg.routing.cloud_thr)
+        res = call_stage(run, score_cloud, name=f"{name}/{system}", model=model, adapter=None, cfg=score_cfg, **common)
+    measurement = {"wall_s": res.info.get("seconds"), "serial_s": res.info.get("seconds"),
+                   "telemetry": res.info.get("telemetry", {}), "measured": "inside its stage"}  # fmt: skip
+    return res, measurement
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResult, sft: StageResult, models: Models) -> StageResult:
+    """Every configured system on one evaluation set; returns the report stage."""
+    store = str(cfg.store.root)
+    run = Store(store).open_run(run_id)
+    outputs: dict[str, StageResult] = {}
+    measurements: dict[str, dict] = {}
+    for system in cfg.evaluate.systems:
+        if system == "saec":
+            out = _saec(cfg, run, name, images, sft, models)
+            outputs[system], measurements[system] = out["merged"], out["measurement"]
+        else:
+            outputs[system], measurements[system] = _baseline(cfg, run, name, system, images, sft, models)
+    notes = []
+    if cfg.edge.mode == "imagenet_rule" and cfg.routing.keep_bidir:
+        notes.append("edge.mode=imagenet_rule: a defect verdict cannot pass the keep test, so keep_bidir has no effect")
+    report = call_stage(run, report_task, name=f"{name}/report", store=store, dataset=name, images=images,
+                        outputs=outputs, measurements=measurements, cloud_thr=cfg.routing.cloud_thr, notes=notes)  # fmt: skip
+    _publish(name, report)
+    return report
+
+
+def _publish(name: str, report: StageResult) -> None:
+    """Keyed Prefect artifacts: the metrics table and the markdown summary of this evaluation set."""
+    key = name.replace("_", "-").lower()
+    records = [{k: v for k, v in r.items() if k in ("system", "accuracy", "balanced_accuracy", "cloud_share",
+               "wall_s", "serial_s", "energy_per_correct_mwh", "cpu_mem_avg_gb", "measured")}
+               for r in report.info["systems"]]  # fmt: skip
+    create_table_artifact(key=f"{key}-metrics", table=records, description=f"SAEC metrics on {name}")
+    md = report.path("markdown").read_text() + f"\n\nFigure: `{report.path('figure')}`\n"
+    create_markdown_artifact(key=f"{key}-report", markdown=md, description=f"SAEC report on {name}")

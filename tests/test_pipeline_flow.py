@@ -1,0 +1,82 @@
+"""The whole pipeline under a real Prefect engine, on a small embedded default.
+
+Checks what a user relies on: every system reported with its tables and figure, Prefect
+artifacts under stable keys, a second run served from cache, and a threshold change
+re-running only the stages that depend on it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from saec.config import load_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "data.synthetic.categories=[carpet, capsule]",
+    "data.synthetic.n_train_good=8",
+    "data.synthetic.n_test_good=6",
+    "data.synthetic.n_test_defect_per_type=2",
+    "data.synthetic.ksdd2_n_train=12",
+    "data.synthetic.ksdd2_n_test=8",
+    "edge.train.epochs=1",
+    "cloud.train.max_steps=2",
+    "cloud.train.epochs=1",
+    "evaluate.datasets=[mvtec_holdout]",
+]
+
+
+def _states(out) -> dict[str, str]:
+    return {name: st["state"] for name, st in out["run"].record["stages"].items()}
+
+
+def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_touches(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from saec.flows.pipeline import pipeline_flow
+
+    base = [*SMALL, f"store.root={tmp_path / 'store'}"]
+    first = pipeline_flow(load_config(None, base))
+    report = first["reports"]["mvtec_holdout"]
+    metrics = pd.read_parquet(report.path("metrics"))
+    assert list(metrics.system) == ["saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot"]
+    n = first["holdout"].outputs["manifest"].rows
+    assert (metrics.n == n).all() and metrics.accuracy.between(0, 1).all()
+    saec = metrics.set_index("system").loc["saec"]
+    assert 0 < saec.cloud_share < 1 or saec.cloud_share in (0.0, 1.0)
+    assert saec.wall_s > 0 and saec.serial_s > 0 and saec.measured == "executed"
+    assert Path(report.path("figure")).stat().st_size > 10_000
+    decisions = pd.read_parquet(report.path("decisions"))
+    assert len(decisions) == 5 * n and set(decisions.system) == set(metrics.system)
+    routing = first["run"].record["stages"]["mvtec_holdout/routing"]
+    assert sum(routing["info"]["reasons"].values()) == n
+    assert all(s == "ran" for s in _states(first).values())
+
+    import asyncio
+
+    async def artifact_keys():
+        async with get_client() as client:
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="mvtec-holdout")))
+            return {a.key for a in arts}
+
+    assert {"mvtec-holdout-metrics", "mvtec-holdout-report"} <= asyncio.run(artifact_keys())
+
+    second = pipeline_flow(load_config(None, base))
+    assert set(_states(second).values()) == {"cached"}
+    again = pd.read_parquet(second["reports"]["mvtec_holdout"].path("metrics"))
+    pd.testing.assert_frame_equal(again, metrics)  # the cached SAEC measurement is the one that was taken
+
+    # the cloud's decision threshold only touches the merge and the report
+    third = pipeline_flow(load_config(None, [*base, "routing.cloud_thr=0.6"]))
+    ran = {k for k, v in _states(third).items() if v == "ran"}
+    assert ran == {"mvtec_holdout/merge", "mvtec_holdout/report"}
+
+    # an edge-confidence threshold also changes which images the cloud sees after the edge
+    fourth = pipeline_flow(load_config(None, [*base, "routing.smax_thr=0.9"]))
+    ran = {k for k, v in _states(fourth).items() if v == "ran"}
+    assert ran <= {"mvtec_holdout/routing", "mvtec_holdout/saec_cloud_unsure", "mvtec_holdout/merge", "mvtec_holdout/report"}
+    assert {"mvtec_holdout/routing", "mvtec_holdout/merge", "mvtec_holdout/report"} <= ran
