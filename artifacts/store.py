@@ -115,6 +115,21 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
 
 # --------------------------------------------------------------------------- the store
 
+_BUILDING = ".building-"
+
+
+def published_path(path: str | Path) -> Path:
+    """Where a file written inside a stage's temporary build folder will live once published.
+
+    Tables that name files of their own stage (a holdout's `val/` links) must record this
+    path, not the temporary one. Paths outside a build folder are returned unchanged.
+    """
+    path = Path(path)
+    for i, part in enumerate(path.parts):
+        if part.startswith(".") and _BUILDING in part:
+            return Path(*path.parts[:i], part[1:].split(_BUILDING)[0], *path.parts[i + 1 :])
+    return path
+
 
 class Store:
     def __init__(self, root: str | Path):
@@ -146,7 +161,7 @@ class Store:
         """
         final = self.stage_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{key}.building-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".{key}{_BUILDING}{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             files, info = build(tmp)

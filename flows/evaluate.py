@@ -18,7 +18,7 @@ from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import RunFolder, StageResult, Store, write_json_atomic, write_table
 from saec.config import PipelineConfig
 from saec.flows.common import call_stage, collect
-from saec.tasks.cloud.task import score_cloud
+from saec.tasks.cloud.task import release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
 from saec.tasks.stage import ModelRef
@@ -134,6 +134,7 @@ def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResu
     outputs: dict[str, StageResult] = {}
     measurements: dict[str, dict] = {}
     for system in cfg.evaluate.systems:
+        release_models()  # every system is measured loading its own models
         if system == "saec":
             out = _saec(cfg, run, name, images, sft, models)
             outputs[system], measurements[system] = out["merged"], out["measurement"]

@@ -14,7 +14,7 @@ from rich.table import Table
 from saec.env import configure_offline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SAEC: scene-aware edge-cloud visual inspection.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of config sections")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set holdout.n_good=100")]

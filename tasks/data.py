@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
 from saec.artifacts.hashing import hash_tree, sha256_file, tree_files
-from saec.artifacts.store import StageResult, write_json_atomic, write_table
+from saec.artifacts.store import StageResult, published_path, write_json_atomic, write_table
 from saec.datasets.images import DEFAULT_MAX_PIXELS
 from saec.datasets.ksdd2 import read_ksdd2
 from saec.datasets.mvtec import read_mvtec
@@ -76,7 +76,7 @@ def _materialise(rows: pd.DataFrame, out_dir: Path, names: pd.Series, link: str,
     for src, label, name in zip(rows.path, rows.label, names):
         dst = out_dir / "val" / ("defect" if label else "good") / name
         _place(Path(src), dst, link)
-        paths.append(str(dst))
+        paths.append(str(published_path(dst)))
     man = rows.rename(columns={"path": "source_path"}).assign(path=paths, split=split)
     return man[MANIFEST_COLS].reset_index(drop=True)
 

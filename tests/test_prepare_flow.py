@@ -42,6 +42,8 @@ def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_se
     assert _states(first) == {s: "ran" for s in stages}
     assert first["holdout"].outputs["manifest"].rows == 6
     assert first["run"].record["checks"]["leakage"]["files_checked"] == 6
+    for path in first["holdout"].table("manifest").path:  # the manifest names the published files
+        assert Path(path).is_file() and Path(path).is_relative_to(first["holdout"].dir)
 
     second = prepare_flow(cfg)
     assert _states(second) == {s: "cached" for s in stages}

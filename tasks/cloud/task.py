@@ -96,6 +96,21 @@ def _scorer(cfg_json: str):
     return VLMScorer(CloudScoreConfig.model_validate_json(cfg_json))
 
 
+def release_models() -> None:
+    """Drop loaded scorers, so that the next system measured pays for loading its own model."""
+    _scorer.cache_clear()
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 @task(name="score-cloud", cache_key_fn=stage_cache_key("score_cloud", ENGINE), **STAGE_TASK)
 def score_cloud(
     store: str,
