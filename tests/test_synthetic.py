@@ -1,0 +1,254 @@
+"""The synthetic datasets: exact layouts, determinism, modes, defect masks, and difficulty."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from saec.artifacts.hashing import hash_tree, tree_files
+from saec.datasets.synthetic import (
+    CATEGORIES,
+    DEFAULT_CATEGORIES,
+    KSDD2_MODE,
+    SyntheticConfig,
+    _logreg_cv,
+    generate_all,
+    generate_ksdd2,
+    generate_mvtec,
+    quality_probe,
+    render_ksdd2_sample,
+    render_mvtec_sample,
+    sample_rng,
+)
+
+SMALL = dict(n_train_good=2, n_test_good=2, n_test_defect_per_type=2, ksdd2_n_train=6, ksdd2_n_test=4)
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, SyntheticConfig]:
+    """The default configuration, generated once for the module."""
+    cfg = SyntheticConfig()
+    root = tmp_path_factory.mktemp("synthetic_default")
+    counts = generate_all(root, cfg)
+    return root, counts, cfg
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults() -> None:
+    cfg = SyntheticConfig()
+    assert cfg.categories == list(DEFAULT_CATEGORIES)
+    modes = {CATEGORIES[c].mode for c in cfg.categories}
+    kinds = {CATEGORIES[c].kind for c in cfg.categories}
+    assert modes == {"L", "RGB"} and kinds == {"texture", "object"}
+    assert all(3 <= len(CATEGORIES[c].defect_types) <= 4 for c in cfg.categories)
+    assert cfg.ksdd2_size == (116, 320)
+    assert cfg.ksdd2_n_defect("train") == 40 and cfg.ksdd2_n_defect("test") == 20
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (dict(categories=["carpet", "wood"]), "unknown categories ['wood']"),
+        (dict(categories=[]), "categories is empty"),
+        (dict(categories=["grid", "grid"]), "more than once"),
+        (dict(ksdd2_defect_rate=0.0), "greater than 0"),
+        (dict(ksdd2_defect_rate=1.0), "less than 1"),
+        (dict(ksdd2_size=(16, 320)), "ksdd2_size"),
+        (dict(mvtec_size=32), "greater than or equal to 64"),
+        (dict(n_test_defect_per_type=0), "greater than or equal to 1"),
+        (dict(seed=-1), "greater than or equal to 0"),
+        (dict(n_train=5), "Extra inputs are not permitted"),
+    ],
+)
+def test_config_rejects_bad_values(bad: dict, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        SyntheticConfig(**bad)
+    assert fragment in str(info.value)
+
+
+def test_unknown_category_error_lists_known_ones() -> None:
+    with pytest.raises(ValidationError) as info:
+        SyntheticConfig(categories=["bottle"])
+    for name in CATEGORIES:
+        assert name in str(info.value)
+
+
+def test_render_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown category 'wood'"):
+        render_mvtec_sample("wood", None, sample_rng(0, "x"))
+    with pytest.raises(ValueError, match="has no defect type 'hole'"):
+        render_mvtec_sample("grid", "hole", sample_rng(0, "x"))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_mvtec_layout_is_exact(default_data: tuple[Path, dict, SyntheticConfig]) -> None:
+    root, counts, cfg = default_data
+    mvtec = root / "mvtec_ad"
+    assert _names(mvtec) == set(cfg.categories)
+    for cat in cfg.categories:
+        spec = CATEGORIES[cat]
+        base = mvtec / cat
+        assert _names(base) == {"train", "test", "ground_truth"}
+        assert _names(base / "train") == {"good"}
+        assert _names(base / "test") == {"good", *spec.defect_types}
+        assert _names(base / "ground_truth") == set(spec.defect_types)
+        expected = {("train", "good"): cfg.n_train_good, ("test", "good"): cfg.n_test_good}
+        expected |= {("test", d): cfg.n_test_defect_per_type for d in spec.defect_types}
+        for (split, dtype), n in expected.items():
+            assert counts["mvtec_ad"][cat][split][dtype] == n
+            files = sorted((base / split / dtype).iterdir())
+            assert [f.name for f in files] == [f"{i:03d}.png" for i in range(n)]
+            if dtype == "good":
+                continue
+            masks = sorted((base / "ground_truth" / dtype).iterdir())
+            assert [m.name for m in masks] == [f"{i:03d}_mask.png" for i in range(n)]
+            for f, m in zip(files, masks):
+                with Image.open(f) as im, Image.open(m) as mk:
+                    assert im.format == "PNG" and im.mode == spec.mode
+                    assert im.size == (cfg.mvtec_size, cfg.mvtec_size)
+                    assert mk.mode == "L" and mk.size == im.size
+                    values = np.unique(np.asarray(mk))
+                assert set(values.tolist()) == {0, 255}, f"{m} must be 0/255 and non-empty"
+        for f in (base / "train" / "good").iterdir():
+            with Image.open(f) as im:
+                assert im.mode == spec.mode and im.size == (cfg.mvtec_size, cfg.mvtec_size)
+
+
+def test_ksdd2_layout_is_exact(default_data: tuple[Path, dict, SyntheticConfig]) -> None:
+    root, counts, cfg = default_data
+    ksdd2 = root / "ksdd2"
+    assert _names(ksdd2) == {"train", "test"}
+    ids: dict[str, set[str]] = {}
+    for split, n in (("train", cfg.ksdd2_n_train), ("test", cfg.ksdd2_n_test)):
+        names = _names(ksdd2 / split)
+        images = sorted(x for x in names if not x.endswith("_GT.png"))
+        assert len(images) == n and len(names) == 2 * n
+        assert all(re.fullmatch(r"\d{5}\.png", x) for x in images)
+        ids[split] = {x[:5] for x in images}
+        n_defect = 0
+        for name in images:
+            img_path = ksdd2 / split / name
+            mask_path = img_path.with_name(img_path.stem + "_GT.png")
+            assert mask_path.is_file(), f"{mask_path} missing"
+            with Image.open(img_path) as im, Image.open(mask_path) as mk:
+                assert im.mode == KSDD2_MODE and im.size == cfg.ksdd2_size
+                assert mk.mode == "L" and mk.size == im.size
+                m = np.asarray(mk)
+            assert set(np.unique(m).tolist()) <= {0, 255}
+            n_defect += int(m.any())
+        assert n_defect == cfg.ksdd2_n_defect(split) == counts["ksdd2"][split]["defect"]
+        assert n - n_defect == counts["ksdd2"][split]["good"] > 0
+    assert not ids["train"] & ids["test"], "train and test ids must differ"
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_generation_is_byte_deterministic(tmp_path: Path) -> None:
+    cfg = SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)
+    a = generate_all(tmp_path / "a", cfg, workers=1)
+    b = generate_all(tmp_path / "b", cfg, workers=3)
+    assert a == b
+    files_a = [p.relative_to(tmp_path / "a") for p in tree_files(tmp_path / "a")]
+    files_b = [p.relative_to(tmp_path / "b") for p in tree_files(tmp_path / "b")]
+    assert files_a == files_b and len(files_a) > 50
+    assert hash_tree(tmp_path / "a") == hash_tree(tmp_path / "b")
+    other = SyntheticConfig(seed=cfg.seed + 1, mvtec_size=128, ksdd2_size=(58, 160), **SMALL)
+    generate_all(tmp_path / "c", other)
+    assert hash_tree(tmp_path / "c") != hash_tree(tmp_path / "a")
+
+
+def test_an_image_does_not_depend_on_other_counts(tmp_path: Path) -> None:
+    small = SyntheticConfig(categories=["capsule"], mvtec_size=96, **SMALL)
+    large = SyntheticConfig(categories=["ring", "capsule"], mvtec_size=96, **{**SMALL, "n_test_good": 5})
+    generate_mvtec(tmp_path / "s", small)
+    generate_mvtec(tmp_path / "l", large)
+    rels = ("capsule/test/good/001.png", "capsule/test/scratch/001.png", "capsule/ground_truth/scratch/001_mask.png")
+    for rel in rels:
+        assert (tmp_path / "s" / rel).read_bytes() == (tmp_path / "l" / rel).read_bytes()
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    cfg = SyntheticConfig(ksdd2_size=(58, 160), **SMALL)
+    target = tmp_path / "ksdd2"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_ksdd2(target, cfg)
+    assert (target / "stale.txt").exists()
+    generate_ksdd2(target, cfg, overwrite=True)
+    assert _names(target) == {"train", "test"}
+    assert not list(tmp_path.glob(".*partial*")), "no staging folder may be left behind"
+
+
+# ----------------------------------------------------------------------------- defects
+
+
+@pytest.mark.parametrize("category", sorted(CATEGORIES))
+def test_defects_change_exactly_the_masked_pixels(category: str) -> None:
+    spec = CATEGORIES[category]
+    for i in range(3):
+        good = render_mvtec_sample(category, None, sample_rng(7, category, "good", i))
+        assert good.mask is None and np.array_equal(good.image, good.clean)
+        assert good.image.ndim == (3 if spec.mode == "RGB" else 2)
+        for dtype in spec.defect_types:
+            smp = render_mvtec_sample(category, dtype, sample_rng(7, category, dtype, i))
+            inside = smp.mask > 0
+            diff = np.abs(smp.image.astype(np.int16) - smp.clean.astype(np.int16))
+            diff = diff.max(axis=2) if diff.ndim == 3 else diff
+            assert inside.sum() >= 12, f"{category}/{dtype}: defect area {inside.sum()} px"
+            assert not diff[~inside].any(), f"{category}/{dtype}: pixels changed outside the mask"
+            assert diff[inside].mean() >= 5.0, f"{category}/{dtype}: change inside the mask too faint"
+            assert np.percentile(diff[inside], 90) >= 10.0
+
+
+def test_ksdd2_defects_change_exactly_the_masked_pixels() -> None:
+    for i in range(8):
+        good = render_ksdd2_sample(False, sample_rng(3, "good", i))
+        assert good.mask is not None and not good.mask.any() and good.mask.shape == (320, 116)
+        bad = render_ksdd2_sample(True, sample_rng(3, "bad", i))
+        inside = bad.mask > 0
+        diff = np.abs(bad.image.astype(np.int16) - bad.clean.astype(np.int16)).max(axis=2)
+        assert inside.sum() >= 6 and not diff[~inside].any() and diff[inside].mean() >= 5.0
+
+
+def test_goods_vary(default_data: tuple[Path, dict, SyntheticConfig]) -> None:
+    """Normal variation: no two goods are alike, and they differ by more than noise."""
+    root, _, cfg = default_data
+    for cat in cfg.categories:
+        good = root / "mvtec_ad" / cat / "train" / "good"
+        a, b = (np.asarray(Image.open(good / f"{i:03d}.png"), np.float32) for i in (0, 1))
+        assert np.abs(a - b).mean() > 3.0
+
+
+# ----------------------------------------------------------------------------- difficulty
+
+
+def test_probe_classifier_detects_separable_features() -> None:
+    """The probe itself works: on features that carry the label it reaches full accuracy."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    x = rng.normal(size=(80, 5))
+    x[:, 2] += 6.0 * y
+    assert _logreg_cv(x, y, folds=5, seed=0) > 0.95
+    assert _logreg_cv(rng.normal(size=(80, 5)), y, folds=5, seed=0) < 0.8
+
+
+def test_task_is_not_trivial_for_global_statistics(default_data: tuple[Path, dict, SyntheticConfig]) -> None:
+    root, _, cfg = default_data
+    scores = quality_probe(root)
+    assert set(scores) == {*cfg.categories, "ksdd2"}
+    for name, acc in scores.items():
+        assert acc < 0.9, f"{name}: a linear model on global statistics reaches {acc:.2f}"
