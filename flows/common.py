@@ -14,12 +14,24 @@ def _outputs_present(result: StageResult) -> bool:
     return Path(result.dir).is_dir() and all(Path(ref.path).exists() for ref in result.outputs.values())
 
 
+class InjectedFailure(RuntimeError):
+    """A failure asked for by `faults.fail_before`, to exercise resuming."""
+
+
+def check_fault(run: RunFolder, task: Task, name: str | None) -> None:
+    wanted = set(run.record.get("fail_before", []))
+    hit = wanted & {task.name, name}
+    if hit:
+        raise InjectedFailure(f"injected failure before stage {sorted(hit)[0]!r} (config faults.fail_before)")
+
+
 def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
     """Run a cached stage task and record in the run folder whether it ran or hit the cache.
 
     If Prefect holds a cached result whose files were deleted from the store, the task
     runs again with its cache refreshed instead of handing back a dangling reference.
     """
+    check_fault(run, task, name)
     state = task(**params, return_state=True)
     result: StageResult = state.result()
     if not _outputs_present(result):
@@ -31,6 +43,7 @@ def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: An
 
 def collect(run: RunFolder, future: PrefectFuture, name: str, task: Task, **params: Any) -> StageResult:
     """Wait for a submitted stage task and record it like `call_stage` does."""
+    check_fault(run, task, name)
     result: StageResult = future.result()
     state = future.state
     if not _outputs_present(result):

@@ -42,6 +42,7 @@ def build_models(cfg: PipelineConfig, run, sft) -> Models:
 def pipeline_flow(cfg: PipelineConfig) -> dict:
     """The whole SAEC pipeline; returns the report stage of each evaluation set."""
     run = Store(cfg.store.root).new_run("pipeline")
+    run.record["fail_before"] = list(cfg.faults.fail_before)
     try:
         prepared = prepare_stages(cfg, run)
         if "sft" not in prepared:

@@ -42,6 +42,7 @@ def prepare_stages(cfg: PipelineConfig, run: RunFolder) -> dict:
 def prepare_flow(cfg: PipelineConfig) -> dict:
     """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set, and check leakage."""
     run = Store(cfg.store.root).new_run("prepare")
+    run.record["fail_before"] = list(cfg.faults.fail_before)
     try:
         out = prepare_stages(cfg, run)
     except BaseException as exc:

@@ -105,6 +105,13 @@ class EvaluateConfig(BaseModel):
     )
 
 
+class FaultsConfig(BaseModel):
+    """Deliberate failures, to test that a failed run resumes from the cache."""
+
+    model_config = ConfigDict(extra="forbid")
+    fail_before: list[str] = Field(default_factory=list, description="stage names (task or run-record names)")
+
+
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(Path("artifacts/store"), description="artifact store folder (git-ignored)")
@@ -124,6 +131,7 @@ class PipelineConfig(BaseModel):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
