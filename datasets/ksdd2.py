@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from saec.datasets.images import DEFAULT_MAX_PIXELS, BadImage, is_image_name, load_image, probe_image
+from PIL import Image
+
+from saec.datasets.images import DEFAULT_MAX_PIXELS, BadImage, is_image_name, load_image
 from saec.datasets.scan import Candidate, LayoutError, Quarantine, ScanResult, list_dir, probe_candidates
 
 SPLITS = ("train", "test")
@@ -23,15 +25,21 @@ LAYOUT = "<root>/train/NNNNN.png with NNNNN_GT.png beside it, and the same under
 
 
 def _mask_label(image: Path, mask: Path, max_pixels: int) -> tuple[int | None, str, str]:
-    """(label, reason, detail); label None when the mask cannot decide it."""
+    """(label, reason, detail); label None when the mask cannot decide it.
+
+    The image itself is decoded later with every other image; here only its header is read.
+    """
     try:
         m = load_image(mask, "L", max_pixels)
-        info = probe_image(image, max_pixels)
     except BadImage as exc:
-        which = "mask" if exc.path == str(mask) else "image"
-        return None, f"{which}_{exc.reason}", exc.detail
-    if m.size != (info.width, info.height):
-        return None, "mask_size_mismatch", f"mask {m.size[0]}x{m.size[1]} vs image {info.width}x{info.height}"
+        return None, f"mask_{exc.reason}", exc.detail
+    try:
+        with Image.open(image) as img:
+            size = img.size
+    except (OSError, Image.DecompressionBombError):
+        return 1, "", ""  # the label does not matter: the image is quarantined when it is decoded
+    if m.size != size:
+        return None, "mask_size_mismatch", f"mask {m.size[0]}x{m.size[1]} vs image {size[0]}x{size[1]}"
     return int(np.asarray(m).any()), "", ""
 
 

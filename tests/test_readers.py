@@ -152,10 +152,12 @@ def test_ksdd2_masks_decide_labels_and_orphans_are_quarantined(ksdd2_tree):
     (ksdd2_tree / "train" / f"{stems[0]}_GT.png").unlink()  # image without mask
     (ksdd2_tree / "train" / f"{stems[1]}.png").unlink()  # mask without image
     save(ksdd2_tree / "train" / f"{stems[2]}_GT.png", np.zeros((10, 10), np.uint8))  # wrong size
+    (ksdd2_tree / "train" / f"{stems[3]}.png").write_bytes(b"")  # image unreadable, mask fine
+    (ksdd2_tree / "test" / "notes.txt").write_text("x")
     scan = read_ksdd2(ksdd2_tree)
     reasons = sorted(scan.quarantine.reason)
-    assert reasons == ["image_without_mask", "mask_size_mismatch", "mask_without_image"]
-    assert len(scan.images) == 7
+    assert reasons == ["empty_file", "image_without_mask", "mask_size_mismatch", "mask_without_image", "not_an_image_name"]
+    assert len(scan.images) == 6
 
 
 def test_ksdd2_layout_errors(tmp_path):
