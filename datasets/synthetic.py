@@ -24,6 +24,14 @@ ellipse); pixels outside the mask are restored to the defect-free scene bit for 
 A defect too small or too faint to be seen (fewer than half the minimum area changed by
 `_VISIBLE_LEVELS` grey levels) is drawn again from the same stream.
 
+`SyntheticConfig.defect_visibility` (v, 1.0 by default) makes every defect larger and
+stronger from the same random draws (see `Visibility`): line widths and the gap of a cut
+or break grow by v, lengths and radii by sqrt(v) (so a blob covers about v times the
+area), multiplicative darkening or tinting f becomes f**v, opacities a become 1-(1-a)**v,
+blend targets move v times farther from the surface they cover, and displacements
+(misplaced capsules, bent wires) grow towards their visible limit. At v = 1 every image
+is bit for bit what it was before the knob existed.
+
 Categories (see `CATEGORIES`), each with normal variation in its goods (lighting, small
 shifts and rotations, texture phase, colour, sensor noise):
 
@@ -58,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 log = logging.getLogger(__name__)
 
 Array = np.ndarray
-Renderer = Callable[[np.random.Generator, int, "str | None"], tuple[Array, "Array | None"]]
+Renderer = Callable[[np.random.Generator, int, "str | None", "Visibility"], tuple[Array, "Array | None"]]
 
 _PNG_COMPRESS = 1  # fixed zlib level: identical pixels give identical bytes
 _DIFF_THRESHOLD = 2  # grey levels; a larger change at a pixel puts it in the mask
@@ -86,6 +94,10 @@ class SyntheticConfig(BaseModel):
     ksdd2_n_train: int = Field(160, ge=2, le=1_000_000)
     ksdd2_n_test: int = Field(80, ge=2, le=1_000_000)
     ksdd2_defect_rate: float = Field(0.25, gt=0.0, lt=1.0)
+    defect_visibility: float = Field(
+        1.0, ge=0.25, le=4.0,
+        description="scales every defect's size and contrast from the same random draws; 1.0 is the reference look",
+    )
 
     @field_validator("categories")
     @classmethod
@@ -112,6 +124,69 @@ class SyntheticConfig(BaseModel):
         """Defective images in a KSDD2 split: rate x count, rounded, keeping one of each class."""
         n = self.ksdd2_n_train if split == "train" else self.ksdd2_n_test
         return int(min(max(round(n * self.ksdd2_defect_rate), 1), n - 1))
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """How much larger and stronger defects are drawn than the reference (v = 1).
+
+    Every transform returns its input unchanged at v = 1, so the reference images stay
+    bit for bit the same; none of them draws random numbers, so the random stream (and
+    with it every other property of the image) is the same at any v.
+    """
+
+    v: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.25 <= self.v <= 4.0:
+            raise ValueError(f"defect visibility {self.v} must lie within 0.25..4.0")
+
+    @property
+    def reference(self) -> bool:
+        return self.v == 1.0
+
+    def width(self, px: float) -> int:
+        """Stroke width in whole pixels (thin dimension: grows by v), at least 1."""
+        return max(int(round(px if self.reference else px * self.v)), 1)
+
+    def thin(self, px: float) -> float:
+        """A thin dimension in pixels (the gap of a cut or break): grows by v."""
+        return px if self.reference else px * self.v
+
+    def extent(self, px: float) -> float:
+        """A length or radius: grows by sqrt(v), so the area of a blob grows about v-fold."""
+        return px if self.reference else px * math.sqrt(self.v)
+
+    def factor(self, f: Any) -> Any:
+        """A multiplicative change (darkening < 1, brightening or tint > 1) becomes f**v."""
+        if self.reference:
+            return f
+        return np.power(f, self.v).astype(np.float32) if isinstance(f, np.ndarray) else float(f) ** self.v
+
+    def opacity(self, a: Any) -> Any:
+        """An opacity in [0, 1] becomes that of v stacked layers: 1 - (1 - a)**v."""
+        return a if self.reference else 1.0 - (1.0 - a) ** self.v
+
+    def toward(self, x: float, limit: float) -> float:
+        """A displacement bounded by `limit` (same sign): moves towards it, limit - (limit - x) / v."""
+        return x if self.reference else limit - (limit - x) / self.v
+
+    def target(self, img: Array, alpha: Array, target: Array | float) -> Array | float:
+        """A blend target moved v times farther from the mean of the surface it covers, within 0..255."""
+        if self.reference:
+            return target
+        w = alpha[..., None] if img.ndim == 3 else alpha
+        total = float(alpha.sum())
+        if total <= 1e-6:
+            return target
+        mean = (img * w).reshape(-1, img.shape[-1] if img.ndim == 3 else 1).sum(0) / total
+        if img.ndim == 2:
+            mean = mean[0]
+        t = np.asarray(target, np.float32)
+        return np.clip(mean + (t - mean) * self.v, 0.0, 255.0).astype(np.float32)
+
+
+_REFERENCE = Visibility(1.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,7 +301,7 @@ def _jagged_curve(rng: np.random.Generator, start: Array, angle: float, length: 
 
 
 def _crack_alpha(rng: np.random.Generator, h: int, w: int, start: Array, angle: float, length: float,
-                 thickness: int, seg: float) -> Array:
+                 thickness: int, seg: float, branch_width: int = 1) -> Array:
     """A crack with an optional side branch, as coverage."""
     main = _jagged_curve(rng, start, angle, length, seg)
     alpha = _polyline_alpha(h, w, main, thickness)
@@ -234,7 +309,7 @@ def _crack_alpha(rng: np.random.Generator, h: int, w: int, start: Array, angle: 
         at = main[int(rng.integers(1, len(main) - 1))]
         side = angle + float(rng.choice([-1, 1])) * rng.uniform(0.5, 1.1)
         branch = _jagged_curve(rng, at, side, length * rng.uniform(0.25, 0.5), seg)
-        alpha = np.maximum(alpha, _polyline_alpha(h, w, branch, 1))
+        alpha = np.maximum(alpha, _polyline_alpha(h, w, branch, branch_width))
     return alpha
 
 
@@ -261,18 +336,18 @@ def _shadow(alpha: Array, dx: float, dy: float, blur: float) -> Array:
     return cv2.GaussianBlur(moved, (0, 0), blur)
 
 
-def _scratch(rng: np.random.Generator, img: Array, alpha: Array, at: Array) -> Array:
+def _scratch(rng: np.random.Generator, img: Array, alpha: Array, at: Array, vis: Visibility = _REFERENCE) -> Array:
     """A scratch catches the light on a dark surface and reads dark on a bright one."""
     y, x = int(np.clip(at[1], 0, img.shape[0] - 1)), int(np.clip(at[0], 0, img.shape[1] - 1))
     local = float(np.mean(img[max(y - 3, 0) : y + 4, max(x - 3, 0) : x + 4]))
     if local < 150.0 or (local < 190.0 and rng.random() < 0.5):
-        return _mix(img, alpha, min(local + rng.uniform(60.0, 110.0), 255.0))
-    return _scale(img, alpha, rng.uniform(0.4, 0.7))
+        return _mix(img, alpha, vis.target(img, alpha, min(local + rng.uniform(60.0, 110.0), 255.0)))
+    return _scale(img, alpha, vis.factor(rng.uniform(0.4, 0.7)))
 
 
-def _line_width(rng: np.random.Generator, sc: float) -> int:
-    """Width in pixels of a scratch or crack on a part: mostly 2 at 256 px, sometimes 1 or 3."""
-    return max(int(round(_pick(rng, [1, 2, 3], [0.2, 0.5, 0.3]) * sc)), 1)
+def _line_width(rng: np.random.Generator, sc: float, vis: Visibility = _REFERENCE) -> int:
+    """Width in pixels of a scratch or crack on a part: mostly 2 at 256 px, sometimes 1 or 3 (times v)."""
+    return vis.width(_pick(rng, [1, 2, 3], [0.2, 0.5, 0.3]) * sc)
 
 
 def _pick(rng: np.random.Generator, options: list[Any], p: list[float] | None = None) -> Any:
@@ -283,7 +358,8 @@ def _pick(rng: np.random.Generator, options: list[Any], p: list[float] | None = 
 # carpet: RGB twill-woven texture
 
 
-def _render_carpet(rng: np.random.Generator, s: int, defect: str | None) -> tuple[Array, Array | None]:
+def _render_carpet(rng: np.random.Generator, s: int, defect: str | None,
+                   vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
     sc = s / 256.0
     yy, xx = _coords(s, s)
     period = rng.uniform(6.0, 7.2) * sc
@@ -313,35 +389,36 @@ def _render_carpet(rng: np.random.Generator, s: int, defect: str | None) -> tupl
     out = img.copy()
     cx, cy = (rng.uniform(0.12, 0.88, 2) * s).tolist()
     if defect == "color":
-        r = rng.uniform(7.0, 34.0) * sc
+        r = vis.extent(rng.uniform(7.0, 34.0) * sc)
         a = _blob(rng, s, s, cx, cy, r, soft=r * 0.25, irregular=0.35, aspect=rng.uniform(0.6, 1.6))
         tint = _pick(rng, [(1.35, 0.72, 0.65), (0.72, 0.82, 1.3), (0.55, 0.5, 0.45), (1.2, 1.15, 0.6), (0.8, 1.2, 0.8)])
         strength = rng.uniform(0.45, 1.0)
-        out = _scale(out, a * strength, np.array(tint, np.float32))
+        out = _scale(out, a * strength, vis.factor(np.array(tint, np.float32)))
     elif defect == "hole":
-        r = rng.uniform(4.5, 16.0) * sc
+        r = vis.extent(rng.uniform(4.5, 16.0) * sc)
         core = _blob(rng, s, s, cx, cy, r, soft=0.7, irregular=0.35)
         ring = np.clip(_blob(rng, s, s, cx, cy, r * 1.45, soft=1.0, irregular=0.35) - core, 0.0, 1.0)  # frayed fibres
         dark = rng.uniform(18.0, 50.0) * (1.0 + 0.2 * _grain(rng, s, s, 1.0, 1.0))
-        out = _scale(out, ring * (0.5 + 0.5 * np.clip(_grain(rng, s, s, 0.6, 0.6), 0, 2)), 1.25)
-        out = _mix(out, core, (dark[..., None] * np.array([1.0, 0.9, 0.85], np.float32)))
+        out = _scale(out, ring * (0.5 + 0.5 * np.clip(_grain(rng, s, s, 0.6, 0.6), 0, 2)), vis.factor(1.25))
+        out = _mix(out, core, vis.target(out, core, dark[..., None] * np.array([1.0, 0.9, 0.85], np.float32)))
     elif defect == "cut":
-        length = rng.uniform(20.0, 75.0) * sc
+        length = vis.extent(rng.uniform(20.0, 75.0) * sc)
         path = _smooth_curve(rng, np.array([cx, cy]), rng.uniform(0, 2 * np.pi), length, 0.06, n=10)
-        t = int(rng.integers(2, 4))
+        t = vis.width(int(rng.integers(2, 4)))
         edge = _polyline_alpha(s, s, path, t + 2)
         gap = _polyline_alpha(s, s, path, t)
-        out = _scale(out, edge, rng.uniform(1.1, 1.25))
-        out = _scale(out, gap, rng.uniform(0.2, 0.55))
+        out = _scale(out, edge, vis.factor(rng.uniform(1.1, 1.25)))
+        out = _scale(out, gap, vis.factor(rng.uniform(0.2, 0.55)))
     elif defect == "thread":
-        length = rng.uniform(40.0, 130.0) * sc
+        length = vis.extent(rng.uniform(40.0, 130.0) * sc)
         path = _smooth_curve(rng, np.array([cx, cy]), rng.uniform(0, 2 * np.pi), length, 0.3, n=18)
         colour = _pick(rng, [(215, 205, 185), (55, 45, 38), (170, 50, 45), (60, 80, 150), (120, 100, 80)])
-        t = int(rng.integers(2, 4))
+        t = vis.width(int(rng.integers(2, 4)))
         shadow = _polyline_alpha(s, s, path + rng.uniform(1.0, 2.0, 2) * sc, t + 1)
         thread = _polyline_alpha(s, s, path, t)
-        out = _scale(out, shadow, 0.7)
-        out = _mix(out, thread * rng.uniform(0.7, 1.0), np.array(colour, np.float32) * rng.uniform(0.9, 1.1))
+        out = _scale(out, shadow, vis.factor(0.7))
+        a = thread * vis.opacity(rng.uniform(0.7, 1.0))
+        out = _mix(out, a, vis.target(out, a, np.array(colour, np.float32) * rng.uniform(0.9, 1.1)))
     else:
         raise ValueError(f"carpet has no defect type {defect!r}")
     return img, out
@@ -351,7 +428,8 @@ def _render_carpet(rng: np.random.Generator, s: int, defect: str | None) -> tupl
 # grid: greyscale woven metal mesh
 
 
-def _render_grid(rng: np.random.Generator, s: int, defect: str | None) -> tuple[Array, Array | None]:
+def _render_grid(rng: np.random.Generator, s: int, defect: str | None,
+                 vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
     sc = s / 256.0
     yy, xx = _coords(s, s)
     period = rng.uniform(14.0, 17.0) * sc
@@ -382,8 +460,8 @@ def _render_grid(rng: np.random.Generator, s: int, defect: str | None) -> tuple[
         return clean, None
     cx, cy = (rng.uniform(0.12, 0.88, 2) * s).tolist()
     if defect == "bent":
-        sigma = rng.uniform(7.0, 16.0) * sc
-        amp = rng.uniform(0.25, 0.55) * float(rng.choice([-1.0, 1.0]))
+        sigma = vis.extent(rng.uniform(7.0, 16.0) * sc)
+        amp = vis.toward(rng.uniform(0.25, 0.55), 0.6) * float(rng.choice([-1.0, 1.0]))  # in periods
         bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)) * amp
         out = draw(du=bump) if rng.random() < 0.5 else draw(dv=bump)
     elif defect == "broken":
@@ -401,7 +479,7 @@ def _render_grid(rng: np.random.Generator, s: int, defect: str | None) -> tuple[
                 shift = float(np.round(v0[iy, ix]) - v0[iy, ix]) * period
                 px, py, angle = px - shift * st, py + shift * ct, th
             across = wire * 2.2
-            length = rng.uniform(4.0, 10.0) * sc
+            length = vis.thin(rng.uniform(4.0, 10.0) * sc)
             a = _polygon_alpha(s, s, _blob_outline(rng, px, py, across, 0.1, aspect=length / across, angle=angle), 0.5)
             if along_u:
                 cut_u = np.maximum(cut_u, a)
@@ -409,18 +487,19 @@ def _render_grid(rng: np.random.Generator, s: int, defect: str | None) -> tuple[
                 cut_v = np.maximum(cut_v, a)
         out = draw(cut_u=cut_u, cut_v=cut_v)
     elif defect == "glue":
-        r = rng.uniform(9.0, 30.0) * sc
+        r = vis.extent(rng.uniform(9.0, 30.0) * sc)
         a = _blob(rng, s, s, cx, cy, r, soft=r * 0.2, irregular=0.4, aspect=rng.uniform(0.6, 1.7))
         tone = rng.uniform(95.0, 190.0) * (1.0 + 0.08 * _smooth_noise(rng, s, s, 6 * sc))
         sheen = 1.0 + 0.25 * np.exp(-(((xx - cx + r * 0.3) ** 2 + (yy - cy + r * 0.3) ** 2) / (2 * (0.35 * r) ** 2)))
-        out = _mix(clean, a * rng.uniform(0.55, 0.9), tone * sheen * gain)
+        a = a * vis.opacity(rng.uniform(0.55, 0.9))
+        out = _mix(clean, a, vis.target(clean, a, tone * sheen * gain))
     elif defect == "metal_contamination":
-        r = rng.uniform(3.0, 9.0) * sc
+        r = vis.extent(rng.uniform(3.0, 9.0) * sc)
         outline = _blob_outline(rng, cx, cy, r, 0.5, rng.uniform(0.5, 2.0), rng.uniform(0, np.pi), n=9)
         a = _polygon_alpha(s, s, outline, 0.4)
         shade = rng.uniform(175.0, 250.0) * (1.0 + 0.25 * ((xx - cx) - (yy - cy)) / max(r, 1.0) * 0.5)
-        out = _scale(clean, _shadow(a, 1.5 * sc, 1.5 * sc, 0.8 * sc), 0.55)
-        out = _mix(out, a, np.clip(shade, 120.0, 255.0))
+        out = _scale(clean, _shadow(a, 1.5 * sc, 1.5 * sc, 0.8 * sc), vis.factor(0.55))
+        out = _mix(out, a, vis.target(out, a, np.clip(shade, 120.0, 255.0)))
     else:
         raise ValueError(f"grid has no defect type {defect!r}")
     return clean, out
@@ -444,7 +523,8 @@ class _CapsulePose:
     angle: float  # degrees
 
 
-def _render_capsule(rng: np.random.Generator, s: int, defect: str | None) -> tuple[Array, Array | None]:
+def _render_capsule(rng: np.random.Generator, s: int, defect: str | None,
+                    vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
     sc = s / 256.0
     yy, xx = _coords(s, s)
     length = rng.uniform(0.66, 0.70) * s
@@ -520,10 +600,10 @@ def _render_capsule(rng: np.random.Generator, s: int, defect: str | None) -> tup
         ang = pose.angle
         dx, dy = pose.dx, pose.dy
         if kind in ("shift", "both"):
-            mag, direc = rng.uniform(10.0, 30.0) * sc, rng.uniform(0, 2 * np.pi)
+            mag, direc = vis.toward(rng.uniform(10.0, 30.0), 45.0) * sc, rng.uniform(0, 2 * np.pi)
             dx, dy = dx + mag * np.cos(direc), dy + mag * np.sin(direc) * 0.6
         if kind in ("rotate", "both"):
-            ang = ang + float(rng.choice([-1, 1])) * rng.uniform(6.0, 22.0)
+            ang = ang + float(rng.choice([-1, 1])) * vis.toward(rng.uniform(6.0, 22.0), 45.0)
         if kind == "flip":
             ang = ang + 180.0 + rng.normal(0, 1.0)
         out = compose(_CapsulePose(dx, dy, ang), full_ink)
@@ -536,20 +616,21 @@ def _render_capsule(rng: np.random.Generator, s: int, defect: str | None) -> tup
         elif kind == "missing_all":
             ink = np.zeros_like(full_ink)
         else:
-            r = rng.uniform(7.0, 14.0) * sc
+            r = vis.extent(rng.uniform(7.0, 14.0) * sc)
             eraser = _blob(rng, s, s, text_x + rng.normal(0, 6 * sc), text_y + rng.normal(0, 3 * sc), r, soft=r * 0.3)
-            ink = full_ink * (1.0 - eraser * rng.uniform(0.7, 1.0))
+            ink = full_ink * (1.0 - eraser * vis.opacity(rng.uniform(0.7, 1.0)))
         out = compose(pose, ink)
     elif defect == "crack":
         start = on_capsule(0.6)
-        a = _crack_alpha(rng, s, s, start, rng.uniform(0, 2 * np.pi), rng.uniform(14.0, 45.0) * sc,
-                         _line_width(rng, sc), 2.5 * sc) * inside
-        out = _scale(clean, a, rng.uniform(0.25, 0.6))
+        a = _crack_alpha(rng, s, s, start, rng.uniform(0, 2 * np.pi), vis.extent(rng.uniform(14.0, 45.0) * sc),
+                         _line_width(rng, sc, vis), vis.extent(2.5 * sc), vis.width(1)) * inside
+        out = _scale(clean, a, vis.factor(rng.uniform(0.25, 0.6)))
     elif defect == "scratch":
         start = on_capsule(0.5)
-        path = _smooth_curve(rng, start, rng.uniform(0, 2 * np.pi), rng.uniform(18.0, 70.0) * sc, 0.1, n=10)
-        a = _polyline_alpha(s, s, path, _line_width(rng, sc)) * inside * rng.uniform(0.7, 1.0)
-        out = _scratch(rng, clean, a, start)
+        path = _smooth_curve(rng, start, rng.uniform(0, 2 * np.pi), vis.extent(rng.uniform(18.0, 70.0) * sc), 0.1,
+                             n=10)
+        a = _polyline_alpha(s, s, path, _line_width(rng, sc, vis)) * inside * vis.opacity(rng.uniform(0.7, 1.0))
+        out = _scratch(rng, clean, a, start, vis)
     else:
         raise ValueError(f"capsule has no defect type {defect!r}")
     return clean, out
@@ -559,7 +640,8 @@ def _render_capsule(rng: np.random.Generator, s: int, defect: str | None) -> tup
 # ring: greyscale turned-metal washer on a dark background
 
 
-def _render_ring(rng: np.random.Generator, s: int, defect: str | None) -> tuple[Array, Array | None]:
+def _render_ring(rng: np.random.Generator, s: int, defect: str | None,
+                 vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
     sc = s / 256.0
     yy, xx = _coords(s, s)
     cx, cy = s / 2 + rng.normal(0, 2.0) * sc, s / 2 + rng.normal(0, 2.0) * sc
@@ -604,34 +686,38 @@ def _render_ring(rng: np.random.Generator, s: int, defect: str | None) -> tuple[
 
     if defect == "scratch":
         start = on_ring()
-        path = _smooth_curve(rng, start, rng.uniform(0, 2 * np.pi), rng.uniform(16.0, 60.0) * sc, 0.08, n=10)
-        a = _polyline_alpha(s, s, path, _line_width(rng, sc)) * inside * rng.uniform(0.7, 1.0)
-        out = _scratch(rng, clean, a, start)
+        path = _smooth_curve(rng, start, rng.uniform(0, 2 * np.pi), vis.extent(rng.uniform(16.0, 60.0) * sc), 0.08,
+                             n=10)
+        a = _polyline_alpha(s, s, path, _line_width(rng, sc, vis)) * inside * vis.opacity(rng.uniform(0.7, 1.0))
+        out = _scratch(rng, clean, a, start, vis)
     elif defect == "crack":
         t = rng.uniform(0, 2 * np.pi)
         from_outer = rng.random() < 0.5
         rr = r_out - 1.0 if from_outer else r_in + 1.0
         start = np.array([cx + rr * np.cos(t), cy + rr * np.sin(t)])
         heading = t + (np.pi if from_outer else 0.0) + rng.normal(0, 0.3)
-        a = _crack_alpha(rng, s, s, start, heading, rng.uniform(12.0, 40.0) * sc, _line_width(rng, sc), 2.5 * sc)
-        out = _scale(clean, a * ring_alpha, rng.uniform(0.2, 0.5))
+        a = _crack_alpha(rng, s, s, start, heading, vis.extent(rng.uniform(12.0, 40.0) * sc), _line_width(rng, sc, vis),
+                         vis.extent(2.5 * sc), vis.width(1))
+        out = _scale(clean, a * ring_alpha, vis.factor(rng.uniform(0.2, 0.5)))
     elif defect == "contamination":
         centre = on_ring()
         if rng.random() < 0.5:  # oily stain
-            rb = rng.uniform(6.0, 16.0) * sc
+            rb = vis.extent(rng.uniform(6.0, 16.0) * sc)
             a = _blob(rng, s, s, centre[0], centre[1], rb, soft=rb * 0.3, irregular=0.4, aspect=rng.uniform(0.6, 1.6))
-            out = _scale(clean, a * ring_alpha, rng.uniform(0.4, 0.7))
+            out = _scale(clean, a * ring_alpha, vis.factor(rng.uniform(0.4, 0.7)))
         else:  # particle or fibre lying on the part
             if rng.random() < 0.5:
-                rb = rng.uniform(3.0, 7.0) * sc
+                rb = vis.extent(rng.uniform(3.0, 7.0) * sc)
                 a = _polygon_alpha(s, s, _blob_outline(rng, centre[0], centre[1], rb, 0.5, n=8), 0.4)
             else:
-                path = _smooth_curve(rng, centre, rng.uniform(0, 2 * np.pi), rng.uniform(16, 45) * sc, 0.35, n=12)
-                a = _polyline_alpha(s, s, path, int(rng.integers(1, 3)))
-            out = _scale(clean, _shadow(a, 1.2 * sc, 1.2 * sc, 0.8 * sc), 0.6)
-            out = _mix(out, a, rng.uniform(10.0, 40.0) if rng.random() < 0.6 else rng.uniform(225.0, 255.0))
+                heading = rng.uniform(0, 2 * np.pi)
+                path = _smooth_curve(rng, centre, heading, vis.extent(rng.uniform(16, 45) * sc), 0.35, n=12)
+                a = _polyline_alpha(s, s, path, vis.width(int(rng.integers(1, 3))))
+            out = _scale(clean, _shadow(a, 1.2 * sc, 1.2 * sc, 0.8 * sc), vis.factor(0.6))
+            tone = rng.uniform(10.0, 40.0) if rng.random() < 0.6 else rng.uniform(225.0, 255.0)
+            out = _mix(out, a, vis.target(out, a, tone))
     elif defect == "chip":
-        rb = rng.uniform(6.0, 16.0) * sc
+        rb = vis.extent(rng.uniform(6.0, 16.0) * sc)
         t = rng.uniform(0, 2 * np.pi)
         outer = rng.random() < 0.75
         dist = r_out + rb * rng.uniform(-0.1, 0.5) if outer else r_in - rb * rng.uniform(-0.1, 0.5)
@@ -646,7 +732,8 @@ def _render_ring(rng: np.random.Generator, s: int, defect: str | None) -> tuple[
 # KolektorSDD2-like: brushed grey surface, tall and narrow
 
 
-def _render_ksdd2(rng: np.random.Generator, w: int, h: int, defective: bool) -> tuple[Array, Array | None]:
+def _render_ksdd2(rng: np.random.Generator, w: int, h: int, defective: bool,
+                  vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
     sc = w / 116.0
     yy, xx = _coords(h, w)
     base = rng.uniform(85.0, 150.0)
@@ -674,23 +761,25 @@ def _render_ksdd2(rng: np.random.Generator, w: int, h: int, defective: bool) -> 
         kind = _pick(rng, ["scratch", "spot", "crack", "smear"], [0.4, 0.3, 0.15, 0.15])
         cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.08, 0.92) * h
         if kind == "scratch":
-            path = _smooth_curve(rng, np.array([cx, cy]), rng.uniform(0, 2 * np.pi), rng.uniform(20.0, 140.0) * sc,
-                                 0.06, n=12)
-            a = _polyline_alpha(h, w, path, int(rng.integers(1, 3))) * rng.uniform(0.6, 1.0)
+            heading = rng.uniform(0, 2 * np.pi)
+            path = _smooth_curve(rng, np.array([cx, cy]), heading, vis.extent(rng.uniform(20.0, 140.0) * sc), 0.06,
+                                 n=12)
+            a = _polyline_alpha(h, w, path, vis.width(int(rng.integers(1, 3)))) * vis.opacity(rng.uniform(0.6, 1.0))
         elif kind == "spot":
-            r = rng.uniform(2.5, 9.0) * sc
+            r = vis.extent(rng.uniform(2.5, 9.0) * sc)
             a = _blob(rng, h, w, cx, cy, r, soft=0.6, irregular=0.3)
         elif kind == "crack":
-            a = _crack_alpha(rng, h, w, np.array([cx, cy]), rng.uniform(0, 2 * np.pi), rng.uniform(12, 50) * sc,
-                             int(rng.integers(1, 3)), 2.2 * sc)
+            a = _crack_alpha(rng, h, w, np.array([cx, cy]), rng.uniform(0, 2 * np.pi),
+                             vis.extent(rng.uniform(12, 50) * sc), vis.width(int(rng.integers(1, 3))),
+                             vis.extent(2.2 * sc), vis.width(1))
         else:
-            r = rng.uniform(7.0, 20.0) * sc
+            r = vis.extent(rng.uniform(7.0, 20.0) * sc)
             a = _blob(rng, h, w, cx, cy, r, soft=r * 0.3, irregular=0.45, aspect=rng.uniform(0.3, 0.8))
-            a = a * rng.uniform(0.5, 0.9)
+            a = a * vis.opacity(rng.uniform(0.5, 0.9))
         if rng.random() < 0.7:
-            out = _scale(out, a, rng.uniform(0.3, 0.85))
+            out = _scale(out, a, vis.factor(rng.uniform(0.3, 0.85)))
         else:
-            out = _mix(out, a, rng.uniform(190.0, 250.0))
+            out = _mix(out, a, vis.target(out, a, rng.uniform(190.0, 250.0)))
     return clean, out
 
 
@@ -766,9 +855,13 @@ def _finish(rng: np.random.Generator, clean: Array, defect: Array | None, min_ar
 
 
 def render_mvtec_sample(
-    category: str, defect_type: str | None, rng: np.random.Generator, size: int = 256
+    category: str, defect_type: str | None, rng: np.random.Generator, size: int = 256, visibility: float = 1.0
 ) -> SyntheticSample:
-    """Render one MVTec-layout image of `category`; `defect_type` None (or "good") renders a good one."""
+    """Render one MVTec-layout image of `category`; `defect_type` None (or "good") renders a good one.
+
+    `visibility` scales the defect's size and contrast (see `Visibility`); goods do not depend on it.
+    """
+    vis = Visibility(visibility)
     spec = _spec(category)
     if defect_type == "good":
         defect_type = None
@@ -776,7 +869,7 @@ def render_mvtec_sample(
         raise ValueError(f"category {category!r} has no defect type {defect_type!r}; it has {list(spec.defect_types)}")
     min_area = max(int(12 * (size / 256) ** 2), 4)
     for _ in range(_MAX_ATTEMPTS):
-        clean, defect = spec.render(rng, size, defect_type)
+        clean, defect = spec.render(rng, size, defect_type, vis)
         sample = _finish(rng, clean, defect, min_area)
         if sample is not None:
             return sample
@@ -784,13 +877,17 @@ def render_mvtec_sample(
 
 
 def render_ksdd2_sample(
-    defective: bool, rng: np.random.Generator, size: tuple[int, int] = (116, 320)
+    defective: bool, rng: np.random.Generator, size: tuple[int, int] = (116, 320), visibility: float = 1.0
 ) -> SyntheticSample:
-    """Render one KolektorSDD2-layout surface of `size` (width, height); goods get an all-zero mask."""
+    """Render one KolektorSDD2-layout surface of `size` (width, height); goods get an all-zero mask.
+
+    `visibility` scales the defect's size and contrast (see `Visibility`); goods do not depend on it.
+    """
+    vis = Visibility(visibility)
     w, h = size
     min_area = max(int(6 * (w / 116) ** 2), 3)
     for _ in range(_MAX_ATTEMPTS):
-        clean, defect = _render_ksdd2(rng, w, h, defective)
+        clean, defect = _render_ksdd2(rng, w, h, defective, vis)
         sample = _finish(rng, clean, defect, min_area)
         if sample is not None:
             if sample.mask is None:
@@ -910,7 +1007,7 @@ def generate_mvtec(root: str | Path, cfg: SyntheticConfig, *, overwrite: bool = 
             defect = None if dtype == "good" else dtype
 
             def run(rng: np.random.Generator, cat: str = cat, defect: str | None = defect) -> SyntheticSample:
-                return render_mvtec_sample(cat, defect, rng, s)
+                return render_mvtec_sample(cat, defect, rng, s, cfg.defect_visibility)
 
             for i in range(n):
                 jobs.append(_Job(
@@ -944,7 +1041,7 @@ def generate_ksdd2(root: str | Path, cfg: SyntheticConfig, *, overwrite: bool = 
             stem = f"{_KSDD2_FIRST_ID[split] + i:05d}"
 
             def run(rng: np.random.Generator, d: bool = bool(defective[i])) -> SyntheticSample:
-                return render_ksdd2_sample(d, rng, cfg.ksdd2_size)
+                return render_ksdd2_sample(d, rng, cfg.ksdd2_size, cfg.defect_visibility)
 
             jobs.append(_Job(("ksdd2", split, i), folder / f"{stem}.png", folder / f"{stem}_GT.png", run))
         counts[split] = {"good": n - n_def, "defect": n_def}

@@ -1,9 +1,11 @@
 """The synthetic datasets: exact layouts, determinism, modes, defect masks, and difficulty."""
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -252,3 +254,137 @@ def test_task_is_not_trivial_for_global_statistics(default_data: tuple[Path, dic
     assert set(scores) == {*cfg.categories, "ksdd2"}
     for name, acc in scores.items():
         assert acc < 0.9, f"{name}: a linear model on global statistics reaches {acc:.2f}"
+
+
+# ----------------------------------------------------------------------------- defect visibility
+
+# sha256 (first 16 hex digits) of image, clean and mask bytes of one sample per type, rendered
+# at the reference visibility 1.0 by the generator before the visibility knob existed
+REFERENCE_DIGESTS = {
+    "capsule/good": "961b7d893238fcea",
+    "capsule/crack": "a509410bb0fcec63",
+    "capsule/faulty_imprint": "d5939300ec992d0e",
+    "capsule/misplaced": "6c571f6269a595e9",
+    "capsule/scratch": "b11ee5a6c8e6ba82",
+    "carpet/good": "23a9759c59d866b4",
+    "carpet/color": "93ef2bcea3b0d238",
+    "carpet/cut": "1a7743546aa81929",
+    "carpet/hole": "4946639fce450eb4",
+    "carpet/thread": "a9d45bf3b8ededd0",
+    "grid/good": "f45865bd5590cf13",
+    "grid/bent": "879281a6dd8dbc63",
+    "grid/broken": "a9bd3f7fa91aa8b5",
+    "grid/glue": "d072e433a38c08cb",
+    "grid/metal_contamination": "32747bbf4cf8a53f",
+    "ring/good": "0c75cc801b66be5c",
+    "ring/chip": "d2ab6e8f643d057e",
+    "ring/contamination": "9f02c54d687a5bb4",
+    "ring/crack": "4837bec9af2edbd1",
+    "ring/scratch": "5bbe523dc1e663f1",
+    "ksdd2/0/0": "aded2fecbb2db0c6",
+    "ksdd2/0/1": "066bdf1ef8bd0672",
+    "ksdd2/1/0": "6d3351b7aaafb429",
+    "ksdd2/1/1": "1ffe971ac4eacfc2",
+}
+# hash_tree of generate_all(SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)), same origin
+REFERENCE_SMALL_TREE = "48414e0847e704f85f3a96bf1b042184134934db860e1e7efe918d7aa0b04ea6"
+
+
+def _digest(smp) -> str:
+    h = hashlib.sha256()
+    h.update(smp.image.tobytes())
+    h.update(smp.clean.tobytes())
+    if smp.mask is not None:
+        h.update(smp.mask.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _change(smp) -> np.ndarray:
+    diff = np.abs(smp.image.astype(np.int16) - smp.clean.astype(np.int16))
+    return diff.max(axis=2) if diff.ndim == 3 else diff
+
+
+def test_reference_visibility_reproduces_earlier_output_bit_for_bit(tmp_path: Path) -> None:
+    got = {}
+    for cat in sorted(CATEGORIES):
+        for dtype in ("good", *CATEGORIES[cat].defect_types):
+            rng = sample_rng(2025, "digest", cat, dtype, 0)
+            got[f"{cat}/{dtype}"] = _digest(render_mvtec_sample(cat, dtype, rng, 256, visibility=1.0))
+    for defective in (0, 1):
+        for i in range(2):
+            rng = sample_rng(2025, "digest", "ksdd2", defective, i)
+            got[f"ksdd2/{defective}/{i}"] = _digest(render_ksdd2_sample(bool(defective), rng, visibility=1.0))
+    assert got == REFERENCE_DIGESTS
+    cfg = SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)
+    assert cfg.defect_visibility == 1.0
+    generate_all(tmp_path / "ref", cfg)
+    assert hash_tree(tmp_path / "ref") == REFERENCE_SMALL_TREE
+
+
+def test_visibility_is_validated() -> None:
+    for bad, fragment in ((0.1, "greater than or equal to 0.25"), (5.0, "less than or equal to 4")):
+        with pytest.raises(ValidationError, match=fragment):
+            SyntheticConfig(defect_visibility=bad)
+    with pytest.raises(ValueError, match="0.25..4.0"):
+        render_mvtec_sample("grid", "glue", sample_rng(0, "x"), 128, visibility=8.0)
+
+
+VISIBILITY_TYPES = [(c, d) for c in sorted(CATEGORIES) for d in CATEGORIES[c].defect_types] + [("ksdd2", "defect")]
+
+
+def _render(cat: str, dtype: str, i: int, visibility: float):
+    rng = sample_rng(11, cat, dtype, i)
+    if cat == "ksdd2":
+        return render_ksdd2_sample(True, rng, visibility=visibility)
+    return render_mvtec_sample(cat, dtype, rng, 256, visibility=visibility)
+
+
+@pytest.mark.parametrize("cat, dtype", VISIBILITY_TYPES, ids=[f"{c}-{d}" for c, d in VISIBILITY_TYPES])
+def test_higher_visibility_gives_larger_and_stronger_defects(cat: str, dtype: str) -> None:
+    """Same seeds at 1.0 and 2.5: the masks grow and the change inside them grows, type by type."""
+    area = {1.0: [], 2.5: []}
+    change = {1.0: [], 2.5: []}
+    for v in area:
+        for i in range(4):
+            smp = _render(cat, dtype, i, v)
+            inside = smp.mask > 0
+            diff = _change(smp)
+            assert not diff[~inside].any(), f"{cat}/{dtype} at {v}: pixels changed outside the mask"
+            area[v].append(int(inside.sum()))
+            change[v].append(float(diff[inside].mean()))
+    assert np.mean(area[2.5]) > 1.05 * np.mean(area[1.0]), f"{cat}/{dtype}: areas {area}"
+    assert np.mean(change[2.5]) > np.mean(change[1.0]), f"{cat}/{dtype}: mean changes {change}"
+
+
+def test_visibility_does_not_touch_goods_and_is_deterministic(tmp_path: Path) -> None:
+    for cat in sorted(CATEGORIES):
+        a = render_mvtec_sample(cat, None, sample_rng(4, cat), 128, visibility=1.0)
+        b = render_mvtec_sample(cat, None, sample_rng(4, cat), 128, visibility=3.0)
+        assert np.array_equal(a.image, b.image)
+    cfg = SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), defect_visibility=2.5, **SMALL)
+    generate_all(tmp_path / "a", cfg, workers=1)
+    generate_all(tmp_path / "b", cfg, workers=3)
+    assert hash_tree(tmp_path / "a") == hash_tree(tmp_path / "b")
+    assert hash_tree(tmp_path / "a") != REFERENCE_SMALL_TREE
+    # the goods are the same files as at the reference visibility; only defect images and masks differ
+    generate_all(tmp_path / "ref", SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL))
+    for rel in ("mvtec_ad/ring/train/good/000.png", "mvtec_ad/carpet/test/good/001.png"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes()
+    rel = "mvtec_ad/capsule/test/crack/000.png"
+    assert (tmp_path / "a" / rel).read_bytes() != (tmp_path / "ref" / rel).read_bytes()
+
+
+def test_higher_visibility_survives_downscaling() -> None:
+    """What a 112 px model sees: thin defects cover more changed pixels after an area downscale."""
+    for cat, dtype in (("capsule", "crack"), ("ring", "scratch"), ("ring", "crack"), ("capsule", "scratch")):
+        counts = {}
+        for v in (1.0, 2.5):
+            n = 0
+            for i in range(3):
+                smp = _render(cat, dtype, i, v)
+                small = [cv2.resize(x, (112, 112), interpolation=cv2.INTER_AREA).astype(np.int16)
+                         for x in (smp.image, smp.clean)]
+                diff = np.abs(small[0] - small[1])
+                n += int(((diff.max(axis=2) if diff.ndim == 3 else diff) >= 20).sum())
+            counts[v] = n
+        assert counts[2.5] > 2 * counts[1.0], f"{cat}/{dtype}: changed 112 px pixels {counts}"
