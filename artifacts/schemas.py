@@ -178,6 +178,36 @@ COMPLEXITY = pa.schema(
     ]
 )
 
+# ---- telemetry samples (saec.tasks.telemetry), one row per sample
+TELEMETRY = pa.schema(
+    [
+        ("t", _f64),  # seconds since the measured section started
+        ("cpu_percent", _f64),  # process tree, 100 = one core
+        ("rss_bytes", _f64),
+        ("gpu_util", _f64),
+        ("gpu_power_w", _f64),
+        ("gpu_mem_bytes", _f64),
+        ("cpu_energy_j", _f64),  # RAPL package energy since the start
+    ]
+)
+
+# ---- drift between two re-evaluations (saec.tasks.drift): one row per system and metric
+DRIFT = pa.schema(
+    [
+        ("dataset", _str),
+        ("system", _str),
+        ("metric", _str),  # accuracy, balanced_accuracy, cloud_share, s_per_image, energy_per_correct_mwh
+        ("rule", _str),  # "drop" (absolute), "shift" (absolute, either way), "increase" (relative)
+        ("previous", _f64),  # null where the previous run did not measure it
+        ("current", _f64),
+        ("change", _f64),  # current - previous; relative to previous for rule "increase"
+        ("tolerance", _f64),
+        ("drifted", _bool),
+        ("note", _str),
+    ]
+)
+# ---- end drift
+
 SCHEMAS: dict[str, pa.Schema] = {
     "source_images": SOURCE_IMAGES,
     "quarantine": QUARANTINE,
@@ -186,8 +216,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "complexity": COMPLEXITY,
     "routing": ROUTING,
     "decisions": DECISIONS,
+    "telemetry": TELEMETRY,
     "cloud_scores": CLOUD_SCORES,
     "cloud_train_log": CLOUD_TRAIN_LOG,
+    "drift": DRIFT,
 }
 
 
@@ -201,6 +233,11 @@ def register(name: str, schema: pa.Schema) -> pa.Schema:
         raise SchemaError(f"table schema {name!r} is declared twice with different columns")
     SCHEMAS[name] = schema
     return schema
+
+
+def empty_table(name: str) -> pd.DataFrame:
+    """A DataFrame with the columns and types of table `name` and no rows."""
+    return SCHEMAS[name].empty_table().to_pandas()
 
 
 def conform(df: pd.DataFrame, name: str) -> pa.Table:

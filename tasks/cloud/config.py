@@ -1,0 +1,271 @@
+"""Typed configuration of the cloud branch: the embedded model, loading, training and scoring.
+
+Defaults are the values the SAEC scripts publish (see the design notes, section 2). Every
+config validates at construction, so a bad value fails before any model is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
+Quantization = Literal["auto", "nf4", "none"]
+Family = Literal["qwen2_5_vl", "llava"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _check_device(value)
+
+
+def _check_device(value: str) -> str:
+    if value == "auto" or value == "cpu" or value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', not {value!r}")
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+class TinyModelConfig(_Strict):
+    """A small Qwen2.5-VL built from config with random weights: the embedded default cloud model.
+
+    It has the real architecture (windowed vision transformer, 2x2 patch merger, M-RoPE language
+    model) at a size that trains on a laptop CPU in minutes. `image_size` is the side of the
+    largest image the processor passes on (its `max_pixels` is image_size squared), so an image
+    becomes at most (image_size / 28)^2 visual tokens. Weights are drawn with std 1/sqrt(hidden)
+    unless `initializer_range` says otherwise: the published 0.02 suits a 3584-wide model, and at
+    width 128 it leaves the output logits so small that training first spends epochs scaling them.
+    """
+
+    seed: int = 0
+    image_size: int = 112
+    vocab_target: int = Field(512, description="BPE vocabulary size before the special tokens")
+    # language model
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    # vision tower
+    vision_depth: int = 2
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 256
+    vision_num_heads: int = 4
+    vision_fullatt_block_indexes: tuple[int, ...] = (1,)
+    window_size: int = 112
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    initializer_range: float | None = Field(
+        None, gt=0, description="std of the random weights; None = 1/sqrt(hidden_size), the scale a narrow model needs"
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "TinyModelConfig":
+        unit = self.patch_size * self.spatial_merge_size
+        if self.image_size % unit or self.image_size < unit:
+            raise ValueError(f"image_size must be a positive multiple of patch_size*spatial_merge_size={unit}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 2 or head_dim // 2 < 3:
+            raise ValueError("the language model's head dimension must be even and at least 6 (M-RoPE sections)")
+        if self.vision_hidden_size % self.vision_num_heads or (self.vision_hidden_size // self.vision_num_heads) % 4:
+            raise ValueError("vision head dimension must be a multiple of 4 (2-D rotary embedding)")
+        if any(i < 0 or i >= self.vision_depth for i in self.vision_fullatt_block_indexes):
+            raise ValueError("vision_fullatt_block_indexes must index blocks of the vision tower")
+        if self.window_size % unit:
+            raise ValueError(f"window_size must be a multiple of {unit}")
+        if self.vocab_target < 300:
+            raise ValueError("vocab_target must be at least 300 (256 byte symbols plus merges)")
+        return self
+
+    @property
+    def init_std(self) -> float:
+        return self.initializer_range if self.initializer_range is not None else round(self.hidden_size**-0.5, 4)
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Split of the rotary half-dimension into temporal, height and width parts (Qwen's 1:1.5:1.5)."""
+        half = self.hidden_size // self.num_attention_heads // 2
+        t = half // 4
+        h = (half - t) // 2
+        return [t, h, half - t - h]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ModelLoadConfig(_Strict):
+    """Where a vision-language model comes from and how it is placed.
+
+    `model` is a local Hugging Face folder or a hub id (resolved from the local cache only
+    when HF_HUB_OFFLINE is set). `quantization="auto"` means NF4 on CUDA and none on CPU.
+    """
+
+    model: str
+    adapter: str | None = None
+    dtype: DType = "auto"
+    device: str = "auto"
+    attn_implementation: AttnImpl = "sdpa"
+    quantization: Quantization = "none"
+
+
+# --------------------------------------------------------------------------- training
+
+
+class CloudTrainConfig(_Strict):
+    """QLoRA supervised fine-tuning of the cloud model on the SFT JSONL.
+
+    Defaults reproduce the SAEC scripts: 3 epochs, batch 2 x 8 accumulation, lr 2e-4, cosine
+    schedule with 3 % warm-up, gradient checkpointing, LoRA r=8 alpha=16 dropout 0.05 without
+    bias on the language model's attention projections, vision merger trainable and kept out of
+    4-bit quantization, NF4 + double quantization + bf16 compute on CUDA. The SAEC scripts also put
+    LoRA on the language model's MLP (gate/up/down); `lora_mlp=True` reproduces that.
+
+    `trainable` chooses what learns:
+      - "lora": the LoRA adapters only;
+      - "lora+merger": LoRA plus the vision merger, saved with the adapter (the SAEC recipe);
+      - "lora+vision": LoRA plus the whole vision tower, saved with the adapter;
+      - "full": every weight (no adapter; the whole model is written out). Incompatible with NF4.
+    `train_output_layer=True` adds the output layer and the final norm to what the adapter saves.
+
+    `quantization="auto"` is NF4 on CUDA and none on CPU (4-bit weights cannot be trained, and
+    a CPU is where the embedded default model trains). `dtype="auto"` is bf16 on CUDA, float32 on CPU.
+
+    For the embedded default model (random weights) use `CloudTrainConfig.tiny(...)`. With the
+    SAEC recipe a random model learns nothing: its frozen random output layer caps the logits
+    (the answer-token loss stalls near 3.8 nats), and a frozen random vision tower gives features
+    that no adapter can read defects from. That recipe therefore trains the whole vision tower
+    (saved with the adapter), the output layer and final norm, and LoRA r=16 on the language
+    model's attention and MLP, at lr 1e-3 with batch 8, in float32 on the CPU without gradient
+    checkpointing (nothing to save in memory at that size). The adapter interface stays the
+    real model's: base folder + PEFT adapter.
+    """
+
+    model: str
+    # optimisation
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
+    # what learns
+    trainable: Literal["lora", "lora+merger", "lora+vision", "full"] = "lora+merger"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_mlp: bool = False
+    train_output_layer: bool = Field(
+        False, description="also train lm_head and the final norm (saved with the adapter); for random-init models"
+    )
+    # numerics and placement
+    quantization: Quantization = "auto"
+    dtype: DType = "auto"
+    device: str = "auto"
+    attn_implementation: AttnImpl = "sdpa"
+    gradient_checkpointing: bool = True
+    # data
+    resize: int | None = Field(512, ge=28, description="square side images are resized to before the processor")
+    preprocess_workers: int = Field(2, ge=1)
+    # checkpoints and logging
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CloudTrainConfig":
+        if self.trainable == "full" and self.quantization == "nf4":
+            raise ValueError("trainable='full' cannot train 4-bit weights: use quantization='none'")
+        return self
+
+    @classmethod
+    def tiny(cls, model: str | Path, **overrides) -> "CloudTrainConfig":
+        """The recipe that trains the embedded default model (random init) on a small CPU in minutes."""
+        values = dict(
+            model=str(model),
+            epochs=12,
+            batch_size=8,
+            grad_accum=1,
+            lr=1e-3,
+            warmup_ratio=0.05,
+            weight_decay=0.01,
+            trainable="lora+vision",
+            lora_r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            lora_mlp=True,
+            train_output_layer=True,
+            quantization="none",
+            dtype="float32",
+            device="cpu",
+            gradient_checkpointing=False,
+            resize=112,
+            checkpoint_every=25,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class CloudScoreConfig(_Strict):
+    """Scoring with the cloud model: P(defect) from the next-token logits of "0" and "1".
+
+    Defaults are the SAEC run's: images resized to 512 x 512 (448 for the zero-shot baselines),
+    batches of 24, defect iff P(defect) >= 0.26. `impl="reference"` is the plain Hugging Face
+    forward (full-vocabulary logits everywhere); `impl="fast"` computes only the two label rows
+    of the output layer at the last position of each row, and merges LoRA into the base weights
+    when they are not quantized.
+
+    `tta="five_crop"` scores the four corners and the centre (each `resize` square, taken from the
+    image after its shorter side is brought up to `resize` when smaller) and compares the mean
+    summed log-probabilities of the full answers `Label: 0` and `Label: 1`.
+    `explain=True` generates a JSON explanation for every defect verdict.
+    """
+
+    model: str
+    adapter: str | None = None
+    family: Family | None = Field(None, description="checked against the model's config when given")
+    resize: int | None = Field(512, ge=28)
+    batch_size: int = Field(24, ge=1)
+    threshold: float = Field(0.26, ge=0, le=1)
+    dtype: DType = "auto"
+    device: str = "auto"
+    attn_implementation: AttnImpl = "sdpa"
+    quantization: Quantization = "none"
+    impl: Literal["reference", "fast"] = "fast"
+    tta: Literal["none", "five_crop"] = "none"
+    explain: bool = False
+    explain_max_new_tokens: int = Field(192, ge=1)
+    explain_batch_size: int = Field(8, ge=1)
+    decode_workers: int = Field(4, ge=1)
+    prefetch_batches: int = Field(2, ge=1)
+    progress: bool = True
+
+    def load_config(self) -> ModelLoadConfig:
+        return ModelLoadConfig(
+            model=self.model,
+            adapter=self.adapter,
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            quantization=self.quantization,
+        )

@@ -1,0 +1,521 @@
+"""The cloud scoring engine: P(defect) from a vision-language model, in batches.
+
+P(defect) follows the SAEC run: the prompt is the chat template with the user turn (image +
+instruction), the generation prompt, then the answer prefix `Label: `; one forward pass; the
+next-token logits of the label strings "0" and "1" at the last real position of each row;
+P(defect) = softmax over those two; defect iff P(defect) >= threshold.
+
+Two implementations share everything but the forward pass:
+  - "reference": the plain Hugging Face forward, which computes full-vocabulary logits at every
+    position, then picks the two label columns at the last real position;
+  - "fast": runs the decoder without its output layer, takes the last hidden state at the last
+    real position of each row and multiplies it by the two label rows of the output layer only.
+    With an adapter on unquantized weights, LoRA is merged into the base weights once at load.
+
+Images are decoded and resized by a pool of threads, and the processor turns them into tensors,
+while the previous batch computes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from saec.prompts import ANSWER_PREFIX, LABEL_TEXT, chat_messages
+from saec.tasks.cloud.config import CloudScoreConfig
+from saec.tasks.cloud.explain import (
+    EXPLAIN_INSTRUCTION,
+    STATUS_NOT_DEFECT,
+    STATUS_NOT_REQUESTED,
+    parse_explanation,
+)
+from saec.tasks.cloud.images import five_crops, load_rgb
+from saec.tasks.cloud.models import LoadedVLM, load_vlm
+
+IMAGE_PLACEHOLDER = "image"  # the chat template only needs to see that a turn holds an image
+
+
+class PromptError(RuntimeError):
+    """The model's tokenizer or chat template cannot express the scoring prompt as required."""
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The scoring prompt of one model and the token ids the engine reads."""
+
+    prefix: str  # rendered text: template + generation prompt + answer prefix (one image placeholder)
+    label_ids: tuple[int, int]  # token ids of "0" and "1" right after the prefix
+    n_answer_prefix_tokens: int  # how many tokens `Label: ` is at the end of the prefix
+    matches_generation_prompt: bool  # prefix == generation prompt + ANSWER_PREFIX
+
+
+def _render(processor, messages: list[dict], generation: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def build_prompt_spec(processor) -> PromptSpec:
+    """Derive the scoring prompt from the model's own chat template and tokenizer.
+
+    The prefix is the common part of the two rendered conversations that answer `Label: 0` and
+    `Label: 1`, i.e. exactly what training shows the model before the label. The label ids are
+    the tokens where the tokenizations of prefix+"0" and prefix+"1" differ; each must be a single
+    token appended to the tokenization of the prefix, or the prompt is rejected.
+    """
+    tok = processor.tokenizer
+    rendered = [_render(processor, chat_messages(IMAGE_PLACEHOLDER, label), False) for label in (0, 1)]
+    prefix = os.path.commonprefix(rendered)
+    if not prefix.endswith(ANSWER_PREFIX) or rendered[0][len(prefix) :][:1] != LABEL_TEXT[0]:
+        raise PromptError(
+            f"the chat template does not render the answer as {ANSWER_PREFIX!r}+label: {rendered[0][-80:]!r}"
+        )
+    generation = _render(processor, chat_messages(IMAGE_PLACEHOLDER)[:1], True)
+    ids_prefix = tok(prefix).input_ids
+    label_ids = []
+    for label in (0, 1):
+        ids = tok(prefix + LABEL_TEXT[label]).input_ids
+        if len(ids) != len(ids_prefix) + 1 or ids[:-1] != ids_prefix:
+            raise PromptError(
+                f"label {LABEL_TEXT[label]!r} is not a single token after {ANSWER_PREFIX!r}: "
+                f"{tok.convert_ids_to_tokens(ids[len(ids_prefix) - 2 :])}"
+            )
+        label_ids.append(ids[-1])
+    if label_ids[0] == label_ids[1]:
+        raise PromptError("the labels '0' and '1' map to the same token")
+    # The answer prefix's tokens: those where the prompt without it stops agreeing (a tokenizer
+    # may fold the space before "Label" into the first answer token).
+    ids_head = tok(prefix[: -len(ANSWER_PREFIX)]).input_ids
+    common = len(os.path.commonprefix([ids_prefix, ids_head]))
+    if common == len(ids_prefix):
+        raise PromptError(f"{ANSWER_PREFIX!r} adds no tokens to the prompt")
+    return PromptSpec(
+        prefix=prefix,
+        label_ids=(label_ids[0], label_ids[1]),
+        n_answer_prefix_tokens=len(ids_prefix) - common,
+        matches_generation_prompt=prefix == generation + ANSWER_PREFIX,
+    )
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def last_real_index(attention_mask) -> Any:
+    """Index of each row's last attended position: right or left padding, or none."""
+    import torch
+
+    t = attention_mask.shape[1]
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def add_mm_token_type_ids(batch: dict, family: str, image_token_id: int | None) -> dict:
+    """Qwen2.5-VL needs mm_token_type_ids (1 on image tokens) for its 3-D positions; add them if absent."""
+    if family == "qwen2_5_vl" and "mm_token_type_ids" not in batch and image_token_id is not None:
+        batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).long()
+    return batch
+
+
+_LOCAL = threading.local()
+
+
+def thread_processor(processor):
+    """A copy of `processor` owned by the calling thread.
+
+    A Rust tokenizer raises "Already borrowed" when two threads use it at once, so every
+    worker thread that encodes batches gets its own copy (made once per thread).
+    """
+    if threading.current_thread() is threading.main_thread():
+        return processor
+    copies = getattr(_LOCAL, "processors", None)
+    if copies is None:
+        copies = _LOCAL.processors = {}
+    if id(processor) not in copies:
+        copies[id(processor)] = (processor, copy.deepcopy(processor))
+    return copies[id(processor)][1]
+
+
+def encode(processor, family: str, texts: list[str], images: list, pin: bool = False) -> dict:
+    """Processor call for one batch: token ids with expanded image tokens, pixel tensors."""
+    enc = thread_processor(processor)(text=texts, images=images, return_tensors="pt", padding=True)
+    batch = {k: v for k, v in enc.items()}
+    add_mm_token_type_ids(batch, family, getattr(processor, "image_token_id", None))
+    if pin:
+        batch = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in batch.items()}
+    return batch
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+        elif v.is_floating_point():
+            out[k] = v.to(device=device, dtype=dtype, non_blocking=True)
+        else:
+            out[k] = v.to(device=device, non_blocking=True)
+    return out
+
+
+def _forward_kwargs(batch: dict) -> dict:
+    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+    return {k: batch[k] for k in keep if k in batch}
+
+
+# --------------------------------------------------------------------------- forward passes
+
+
+def hidden_at(model, batch: dict, positions):
+    """Decoder hidden states at `positions` ([B, K] indices) without the output layer: [B, K, H]."""
+    import torch
+
+    out = model.model(**_forward_kwargs(batch), use_cache=False, return_dict=True)
+    h = out.last_hidden_state
+    rows = torch.arange(h.shape[0], device=h.device)[:, None]
+    return h[rows, positions]
+
+
+def label_logits_fast(model, batch: dict, label_rows) -> Any:
+    """[B, 2] logits of "0" and "1" at the last real position: two rows of the output layer only."""
+    last = last_real_index(batch["attention_mask"])
+    h = hidden_at(model, batch, last[:, None])[:, 0]
+    logits = h.float() @ label_rows.weight.T
+    if label_rows.bias is not None:
+        logits = logits + label_rows.bias
+    return logits
+
+
+def label_logits_reference(model, batch: dict, label_ids: tuple[int, int]) -> Any:
+    """[B, 2] logits from the plain forward: full-vocabulary logits everywhere, two columns picked."""
+    import torch
+
+    logits = model(**_forward_kwargs(batch), use_cache=False, return_dict=True).logits
+    last = last_real_index(batch["attention_mask"])
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last][:, list(label_ids)].float()
+
+
+def answer_logprobs(model, batch: dict, spec: PromptSpec, fast: bool) -> Any:
+    """[B, 2] summed log-probabilities of the full answers `Label: 0` and `Label: 1`.
+
+    Only the positions that predict the answer tokens get full-vocabulary logits (fast), or
+    they are picked from the full logits (reference).
+    """
+    import torch
+
+    n = spec.n_answer_prefix_tokens
+    last = last_real_index(batch["attention_mask"])
+    offsets = torch.arange(-n, 1, device=last.device)
+    positions = last[:, None] + offsets  # predict prefix tokens at -n..-1 and the label at 0
+    rows = torch.arange(last.shape[0], device=last.device)[:, None]
+    if fast:
+        h = hidden_at(model, batch, positions)
+        logits = model.get_output_embeddings()(h)
+    else:
+        logits = model(**_forward_kwargs(batch), use_cache=False, return_dict=True).logits[rows, positions]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, n+1, V]
+    targets = batch["input_ids"][rows, positions[:, 1:]]  # the answer-prefix tokens themselves
+    prefix_lp = logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1).sum(dim=1)
+    label_lp = logp[:, -1][:, list(spec.label_ids)]
+    return prefix_lp[:, None] + label_lp
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+@dataclass
+class _Prepared:
+    index: int
+    paths: list[str]
+    batch: dict
+    sizes: list[tuple[int, int]]  # (width, height) of each image as given to the processor
+    prepare_seconds: float
+
+
+class VLMScorer:
+    """Batch scorer of P(defect) for Qwen2.5-VL (tiny or 7B, with or without adapter) and LLaVA-1.5."""
+
+    def __init__(self, cfg: CloudScoreConfig, loaded: LoadedVLM | None = None, *, merge_adapter: bool = True):
+        import torch
+
+        self.cfg = cfg
+        self.loaded = loaded if loaded is not None else load_vlm(cfg.load_config())
+        if cfg.family is not None and cfg.family != self.loaded.family:
+            raise ValueError(f"config expects a {cfg.family} model, {self.loaded.model_dir} is {self.loaded.family}")
+        self.processor = self.loaded.processor
+        self.processor.tokenizer.padding_side = "left"  # batched generation needs it; scoring handles both
+        self.family = self.loaded.family
+        self.device = self.loaded.device
+        self.dtype = self.loaded.dtype
+        self.spec = build_prompt_spec(self.processor)
+        self.explain_prefix = _render(
+            self.processor, [_user_turn(EXPLAIN_INSTRUCTION)], True
+        )
+
+        from peft import PeftModel
+
+        model = self.loaded.model
+        self.merged = False
+        if cfg.impl == "fast" and merge_adapter and isinstance(model, PeftModel) and self.loaded.quantization == "none":
+            model = model.merge_and_unload()
+            self.merged = True
+        self.model = model.eval()
+        self._base = model.get_base_model() if isinstance(model, PeftModel) else model
+        head = self._base.get_output_embeddings()
+        rows = torch.nn.Linear(head.in_features, 2, bias=head.bias is not None, device=self.device)
+        with torch.no_grad():
+            rows.weight.copy_(head.weight[list(self.spec.label_ids)].float())
+            if head.bias is not None:
+                rows.bias.copy_(head.bias[list(self.spec.label_ids)].float())
+        self._label_rows = rows.requires_grad_(False)
+        self._pool_pair: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+
+    # ---- identity -----------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.loaded.adapter_id
+
+    # ---- data ---------------------------------------------------------------------
+    def _decode(self, path: str):
+        image = load_rgb(path, None if self.cfg.tta == "five_crop" else self.cfg.resize)
+        return five_crops(image, self.cfg.resize or min(image.size)) if self.cfg.tta == "five_crop" else [image]
+
+    def _prepare(self, index: int, paths: list[str], pool: ThreadPoolExecutor) -> _Prepared:
+        t0 = time.perf_counter()
+        groups = list(pool.map(self._decode, paths))
+        images = [im for group in groups for im in group]
+        texts = [self.spec.prefix] * len(images)
+        batch = encode(self.processor, self.family, texts, images, pin=self.device.type == "cuda")
+        sizes = [groups[i][0].size for i in range(len(paths))]
+        return _Prepared(index, paths, batch, sizes, time.perf_counter() - t0)
+
+    def _batches(self, paths: Sequence[str]) -> Iterable[_Prepared]:
+        """Prepared batches in order, `prefetch_batches` ahead of the consumer."""
+        size = self.cfg.batch_size
+        chunks = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+        decode_pool, batch_pool = self._pools()
+        pending: deque[Future] = deque()
+        try:
+            next_chunk = 0
+            while next_chunk < len(chunks) and len(pending) < self.cfg.prefetch_batches:
+                pending.append(batch_pool.submit(self._prepare, next_chunk, chunks[next_chunk], decode_pool))
+                next_chunk += 1
+            while pending:
+                prepared = pending.popleft().result()
+                if next_chunk < len(chunks):
+                    pending.append(batch_pool.submit(self._prepare, next_chunk, chunks[next_chunk], decode_pool))
+                    next_chunk += 1
+                yield prepared
+        finally:
+            for fut in pending:
+                fut.cancel()
+            for fut in pending:  # let a running preparation finish before the pools are reused
+                if not fut.cancelled():
+                    fut.exception()
+
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        """Decode and batch threads, kept for the scorer's life (each batch thread owns a processor copy)."""
+        if self._pool_pair is None:
+            decode = ThreadPoolExecutor(self.cfg.decode_workers, thread_name_prefix="saec-decode")
+            batch = ThreadPoolExecutor(self.cfg.prefetch_batches, thread_name_prefix="saec-batch")
+            self._pool_pair = (decode, batch)
+            self._finalizer = weakref.finalize(self, _shutdown_pools, decode, batch)
+        return self._pool_pair
+
+    def close(self) -> None:
+        """Stop the scorer's worker threads (they also stop when the scorer is garbage-collected)."""
+        if self._pool_pair is not None:
+            self._finalizer()
+            self._pool_pair = None
+
+    # ---- compute ------------------------------------------------------------------
+    def _logits(self, batch: dict):
+        """[n, 2] label logits (or summed answer log-probs with TTA) for the rows of one batch."""
+        fast = self.cfg.impl == "fast"
+        if self.cfg.tta == "five_crop":
+            return answer_logprobs(self._base if fast else self.model, batch, self.spec, fast)
+        if fast:
+            return label_logits_fast(self._base, batch, self._label_rows)
+        return label_logits_reference(self.model, batch, self.spec.label_ids)
+
+    def score(self, paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
+        """Score image files; returns per-image arrays (p_defect, pred, logits, batch timing, explanations)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        paths = [str(p) for p in paths]
+        n = len(paths)
+        out: dict[str, np.ndarray] = {
+            "p_defect": np.zeros(n, np.float64),
+            "pred": np.zeros(n, np.int8),
+            "logit_0": np.zeros(n, np.float32),
+            "logit_1": np.zeros(n, np.float32),
+            "batch_index": np.zeros(n, np.int32),
+            "batch_size": np.zeros(n, np.int32),
+            "batch_seconds": np.zeros(n, np.float64),
+            "wait_seconds": np.zeros(n, np.float64),
+        }
+        sizes: list[tuple[int, int]] = [(0, 0)] * n
+        t_start = time.perf_counter()
+        bar = tqdm(total=n, desc="cloud scoring", unit="img", disable=not self.cfg.progress, dynamic_ncols=True)
+        t_wait = time.perf_counter()
+        with torch.inference_mode():
+            for prepared in self._batches(paths):
+                waited = time.perf_counter() - t_wait
+                t0 = time.perf_counter()
+                batch = to_device(prepared.batch, self.device, self.dtype)
+                values = self._logits(batch)
+                if self.cfg.tta == "five_crop":
+                    values = values.view(len(prepared.paths), 5, 2).mean(dim=1)
+                values = values.float().cpu().numpy()
+                seconds = time.perf_counter() - t0  # .cpu() synchronises the device
+                lo = prepared.index * self.cfg.batch_size
+                hi = lo + len(prepared.paths)
+                out["logit_0"][lo:hi], out["logit_1"][lo:hi] = values[:, 0], values[:, 1]
+                out["batch_index"][lo:hi] = prepared.index
+                out["batch_size"][lo:hi] = hi - lo
+                out["batch_seconds"][lo:hi] = seconds
+                out["wait_seconds"][lo:hi] = waited
+                sizes[lo:hi] = prepared.sizes
+                bar.update(hi - lo)
+                t_wait = time.perf_counter()
+        bar.close()
+        diff = out["logit_1"].astype(np.float64) - out["logit_0"].astype(np.float64)
+        out["p_defect"] = 1.0 / (1.0 + np.exp(-diff))  # softmax over the two label logits
+        out["pred"] = (out["p_defect"] >= self.cfg.threshold).astype(np.int8)
+        out["width"] = np.array([s[0] for s in sizes], np.int32)
+        out["height"] = np.array([s[1] for s in sizes], np.int32)
+        self.last_run = {"images": n, "seconds": time.perf_counter() - t_start}
+        out.update(self._explanations(paths, out["pred"]))
+        return out
+
+    # ---- explanations ---------------------------------------------------------------
+    def _explanations(self, paths: list[str], pred: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(paths)
+        status = np.full(n, STATUS_NOT_REQUESTED if not self.cfg.explain else STATUS_NOT_DEFECT, dtype=object)
+        raw = np.full(n, None, dtype=object)
+        bboxes = np.full(n, None, dtype=object)
+        desc = np.full(n, None, dtype=object)
+        error = np.full(n, None, dtype=object)
+        if self.cfg.explain:
+            idx = np.flatnonzero(pred == 1)
+            for start in range(0, len(idx), self.cfg.explain_batch_size):
+                rows = idx[start : start + self.cfg.explain_batch_size]
+                texts, sizes = self.generate_explanations([paths[i] for i in rows])
+                for i, text, (w, h) in zip(rows, texts, sizes):
+                    parsed = parse_explanation(text, w, h)
+                    status[i], raw[i], error[i] = parsed.status, text, parsed.error
+                    if parsed.explanation is not None:
+                        bboxes[i] = parsed.explanation.model_dump_json(include={"bboxes"})
+                        desc[i] = parsed.explanation.desc
+        return {
+            "explain_status": status,
+            "explain_raw": raw,
+            "explain_bboxes": bboxes,
+            "explain_desc": desc,
+            "explain_error": error,
+        }
+
+    def generate_explanations(self, paths: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+        """Generate the JSON explanation for a batch of images (greedy, left-padded)."""
+        import torch
+
+        images = [load_rgb(p, self.cfg.resize) for p in paths]
+        batch = encode(self.processor, self.family, [self.explain_prefix] * len(images), images)
+        batch = to_device(batch, self.device, self.dtype)
+        tok = self.processor.tokenizer
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **_forward_kwargs(batch),
+                max_new_tokens=self.cfg.explain_max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = generated[:, batch["input_ids"].shape[1] :]
+        return tok.batch_decode(new, skip_special_tokens=True), [im.size for im in images]
+
+    # ---- tables -----------------------------------------------------------------------
+    def score_manifest(self, manifest, out_path: str | Path) -> dict:
+        """Score every row of a manifest (image_id, path) and write the `cloud_scores` table."""
+        import pandas as pd
+
+        from saec.artifacts.store import write_table
+
+        missing = [c for c in ("image_id", "path") if c not in manifest.columns]
+        if missing:
+            raise ValueError(f"manifest lacks columns {missing}")
+        scores = self.score(manifest["path"].tolist())
+        n = len(manifest)
+        df = pd.DataFrame(
+            {
+                "image_id": manifest["image_id"].astype(str).to_numpy(),
+                "path": manifest["path"].astype(str).to_numpy(),
+                "p_defect": scores["p_defect"],
+                "pred": scores["pred"],
+                "threshold": np.full(n, self.cfg.threshold),
+                "logit_0": scores["logit_0"],
+                "logit_1": scores["logit_1"],
+                "score_kind": np.full(n, "answer_logprob_mean" if self.cfg.tta == "five_crop" else "label_logit"),
+                "family": np.full(n, self.family),
+                "model_id": np.full(n, self.model_id),
+                "adapter_id": np.full(n, self.adapter_id, dtype=object),
+                "impl": np.full(n, self.cfg.impl),
+                "tta": np.full(n, self.cfg.tta),
+                "resize": np.full(n, self.cfg.resize if self.cfg.resize is not None else -1, np.int32),
+                "width": scores["width"],
+                "height": scores["height"],
+                "batch_index": scores["batch_index"],
+                "batch_size": scores["batch_size"],
+                "batch_seconds": scores["batch_seconds"],
+                "wait_seconds": scores["wait_seconds"],
+                "explain_status": scores["explain_status"],
+                "explain_raw": scores["explain_raw"],
+                "explain_bboxes": scores["explain_bboxes"],
+                "explain_desc": scores["explain_desc"],
+                "explain_error": scores["explain_error"],
+            }
+        )
+        ref = write_table(df, "cloud_scores", out_path)
+        seconds = self.last_run["seconds"]
+        return {
+            "path": ref.path,
+            "sha256": ref.sha256,
+            "rows": n,
+            "defects": int(scores["pred"].sum()),
+            "seconds": seconds,
+            "images_per_s": n / seconds if seconds > 0 else None,
+            "model_id": self.model_id,
+            "adapter_id": self.adapter_id,
+            "family": self.family,
+            "explanations_invalid": int((scores["explain_status"] == "invalid").sum()),
+        }
+
+
+def _shutdown_pools(*pools: ThreadPoolExecutor) -> None:
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _user_turn(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": IMAGE_PLACEHOLDER}, {"type": "text", "text": text}]}
+
+
+def score_images(cfg: CloudScoreConfig, paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """Load the model of `cfg` and score `paths` (a convenience for one-off use)."""
+    return VLMScorer(cfg).score(paths)

@@ -1,0 +1,715 @@
+"""Supervised fine-tuning of the cloud model (QLoRA as in the SAEC scripts), resumable.
+
+`train_vlm` reads the SFT JSONL, renders each conversation with the model's own chat
+template and trains on the answer tokens only (everything before the assistant's answer is
+masked out of the loss). Every `checkpoint_every` optimizer steps it writes a checkpoint into
+`work_dir/checkpoints/`: the trainable weights, optimizer, scheduler, random states, position
+in the data order and the step log. A process killed at any point resumes from the last
+complete checkpoint when `train_vlm` is called again with the same work_dir; the rows of the
+step log after that checkpoint are dropped and training continues exactly where it stood.
+
+Run as a module for a separate process:
+    python -m saec.tasks.cloud.train --config cfg.json --train sft_train.jsonl --work W --out O
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from saec.artifacts.hashing import hash_obj, sha256_file
+from saec.prompts import answer
+from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig
+from saec.tasks.cloud.images import load_rgb
+from saec.tasks.cloud.models import (
+    ADAPTER_RECORD,
+    QUANT_SKIP_MODULES,
+    VISION_MERGER,
+    VISION_TOWER,
+    OUTPUT_LAYER,
+    LoadedVLM,
+    adapter_identity,
+    load_vlm,
+    lora_target_regex,
+)
+
+CHECKPOINTS = "checkpoints"
+LOG_NAME = "train_log.parquet"
+# Settings that do not change what is learned; a resume may change them.
+_RESUME_FREE = {"progress", "checkpoint_every", "keep_checkpoints", "preprocess_workers", "eval_batch_size"}
+
+
+class SFTDataError(ValueError):
+    """An SFT file is malformed; the message names the file and line."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint in work_dir belongs to a different configuration or data set."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SFTRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    image_id: str
+    image: str
+    label: int
+    category: str = ""
+    defect_type: str = ""
+    messages: list[dict]
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: int) -> int:
+        if v not in (0, 1):
+            raise ValueError(f"label must be 0 or 1, not {v}")
+        return v
+
+
+def read_sft(path: Path) -> list[SFTRow]:
+    """Validated rows of an SFT JSONL: labels, image files and the assistant answer must agree."""
+    rows: list[SFTRow] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = SFTRow.model_validate_json(line)
+            except ValidationError as exc:
+                raise SFTDataError(f"{path}:{lineno}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+            msgs = row.messages
+            if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+                raise SFTDataError(f"{path}:{lineno}: the last message must be the assistant's answer")
+            said = "".join(p.get("text", "") for p in msgs[-1]["content"]) if isinstance(msgs[-1]["content"], list) else msgs[-1]["content"]
+            if said != answer(row.label):
+                raise SFTDataError(f"{path}:{lineno}: label {row.label} but the assistant says {said!r}")
+            if not Path(row.image).is_file():
+                raise SFTDataError(f"{path}:{lineno}: image file {row.image} does not exist")
+            rows.append(row)
+    if not rows:
+        raise SFTDataError(f"{path} holds no examples")
+    return rows
+
+
+@dataclass(frozen=True)
+class Example:
+    image: str
+    label: int
+    text: str  # the whole rendered conversation
+    n_answer_tokens: int  # trailing tokens of `text` that carry the loss
+
+
+def build_examples(rows: list[SFTRow], processor) -> list[Example]:
+    """Render each conversation; count the answer tokens once per distinct (prompt, answer)."""
+    tok = processor.tokenizer
+    cache: dict[tuple[str, str], int] = {}
+    examples = []
+    for row in rows:
+        full = processor.apply_chat_template(row.messages, tokenize=False)
+        prompt = processor.apply_chat_template(row.messages[:-1], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise SFTDataError("the chat template renders the conversation differently from its generation prompt")
+        suffix = full[len(prompt) :]
+        key = (prompt, suffix)
+        if key not in cache:
+            ids_full = tok(full).input_ids
+            ids_prompt = tok(prompt).input_ids
+            if ids_full[: len(ids_prompt)] != ids_prompt:
+                raise SFTDataError(f"tokens of the answer {suffix!r} merge with the prompt's last tokens")
+            cache[key] = len(ids_full) - len(ids_prompt)
+        examples.append(Example(row.image, row.label, full, cache[key]))
+    return examples
+
+
+def answer_mask(attention_mask, n_answer):
+    """True on the last n_answer attended positions of each row (left or right padding)."""
+    import torch
+
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    rank = attention_mask.long().cumsum(dim=1)  # 1..len on attended positions
+    return attention_mask.bool() & (rank > lengths - torch.as_tensor(n_answer)[:, None])
+
+
+def prepare_batch(processor, family: str, examples: list[Example], resize: int | None) -> dict:
+    """Decode, resize and encode one micro-batch; adds `answer_mask` marking the loss positions."""
+    import torch
+
+    from saec.tasks.cloud.engine import encode
+
+    images = [load_rgb(ex.image, resize) for ex in examples]
+    batch = encode(processor, family, [ex.text for ex in examples], images)
+    batch["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor([ex.n_answer_tokens for ex in examples]))
+    return batch
+
+
+def answer_loss(base, batch: dict) -> tuple[Any, int]:
+    """Mean cross-entropy over the answer tokens; the output layer runs on those positions only."""
+    import torch.nn.functional as F
+
+    from saec.tasks.cloud.engine import _forward_kwargs
+
+    out = base.model(**_forward_kwargs(batch), use_cache=False, return_dict=True)
+    h = out.last_hidden_state
+    target_mask = batch["answer_mask"][:, 1:]  # token t is predicted at position t-1
+    h_sel = h[:, :-1][target_mask]
+    targets = batch["input_ids"][:, 1:][target_mask]
+    logits = base.get_output_embeddings()(h_sel).float()
+    return F.cross_entropy(logits, targets), int(targets.numel())
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def _lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def setup_trainable(loaded: LoadedVLM, cfg: CloudTrainConfig):
+    """Make the chosen parameters trainable; returns the (possibly PEFT-wrapped) model."""
+    import torch
+
+    model = loaded.model
+    family = loaded.family
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.trainable == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _drop_input_grad_hooks(model)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = {
+        "lora": None,
+        "lora+merger": [VISION_MERGER[family]],
+        "lora+vision": [VISION_TOWER[family]],
+    }[cfg.trainable]
+    if cfg.train_output_layer:
+        modules_to_save = (modules_to_save or []) + list(OUTPUT_LAYER[family])
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=lora_target_regex(cfg.lora_mlp),
+        modules_to_save=modules_to_save,
+    )
+    with warnings.catch_warnings():  # PEFT reads a property that transformers has renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora)
+    _drop_input_grad_hooks(model)
+    _check_trainable(model, loaded, cfg)
+    # Trainable weights in float32 (LoRA is already); the frozen base keeps its dtype.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def _drop_input_grad_hooks(model) -> int:
+    """Remove the hooks that make every input embedding's output require grad.
+
+    transformers (when checkpointing is enabled) and PEFT hook every input embedding, the vision
+    tower's patch embedding included. That keeps a frozen vision tower in the autograd graph (its
+    activations stored, or recomputed under checkpointing) although nothing in it trains.
+    Non-reentrant checkpointing needs no such hook, so none is kept.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, fn in list(module._forward_hooks.items()):
+            if getattr(fn, "__name__", "") in {"make_inputs_require_grads", "make_inputs_require_grad"}:
+                del module._forward_hooks[key]
+                removed += 1
+    return removed
+
+
+def _check_trainable(model, loaded: LoadedVLM, cfg: CloudTrainConfig) -> None:
+    """LoRA sits on every language-model projection asked for and nowhere else; saved modules are unquantized."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    vision = VISION_TOWER[loaded.family]
+    stray = [n for n in lora_names if f".{vision}." in f".{n}" or ".visual." in n or ".vision_tower." in n]
+    if stray:
+        raise RuntimeError(f"LoRA landed inside the vision tower: {stray[:4]}")
+    text_cfg = loaded.base.config.get_text_config()
+    expected = text_cfg.num_hidden_layers * (7 if cfg.lora_mlp else 4)
+    if len(lora_names) != expected:
+        raise RuntimeError(f"LoRA wraps {len(lora_names)} modules, expected {expected}: {lora_names[:8]}")
+    if loaded.quantization == "nf4":
+        import bitsandbytes as bnb
+
+        for prefix in QUANT_SKIP_MODULES[loaded.family]:
+            quantized = [n for n, m in model.named_modules() if f".{prefix}." in f".{n}." and isinstance(m, bnb.nn.Linear4bit)]
+            if quantized:
+                raise RuntimeError(f"{prefix} must not be 4-bit quantized, but {quantized[:3]} are")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The data order of one epoch: a permutation fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch the next micro-batch belongs to
+    next_micro: int = 0  # index of the next micro-batch within that epoch
+    elapsed_s: float = 0.0
+    session: int = 0
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def save_checkpoint(work_dir: Path, state: TrainState, model, optimizer, scheduler, log_rows: list[dict],
+                    fingerprint: dict, keep: int, seed: int, n_examples: int) -> Path:
+    """Write one checkpoint folder atomically (rename of a complete folder), then prune old ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    from saec.artifacts.store import write_table
+
+    root = work_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    _log_frame_write(log_rows, tmp / LOG_NAME)
+    record = {"state": state.__dict__, "fingerprint": fingerprint, "seed": seed,
+              "order": epoch_order(seed, state.epoch, n_examples).tolist()}  # the data order of the next epoch step
+    (tmp / "state.json").write_text(json.dumps(record))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_table(_log_frame(log_rows), "cloud_train_log", work_dir / LOG_NAME)
+    for old in _checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict) -> tuple[TrainState, list[dict]]:
+    import torch
+    from safetensors.torch import load_file
+
+    from saec.artifacts.store import read_table
+
+    record = json.loads((ckpt / "state.json").read_text())
+    theirs = record["fingerprint"]
+    diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+    if diff:
+        raise ResumeError(
+            f"checkpoint {ckpt} was written by a run with different {diff}; "
+            "use a fresh work_dir (or delete its checkpoints) to start over"
+        )
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        raise ResumeError(f"checkpoint {ckpt} holds other trainable parameters than the model has")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    state = TrainState(**record["state"])
+    if record["order"] != epoch_order(record["seed"], state.epoch, len(record["order"])).tolist():
+        raise ResumeError(f"checkpoint {ckpt}: the data order cannot be reproduced (numpy's generator changed?)")
+    rows = read_table(ckpt / LOG_NAME).to_dict("records") if (ckpt / LOG_NAME).exists() else []
+    rows = [r for r in rows if r["step"] <= state.step]
+    return state, rows
+
+
+def _log_frame(rows: list[dict]):
+    import pandas as pd
+
+    from saec.artifacts.schemas import SCHEMAS
+
+    cols = SCHEMAS["cloud_train_log"].names
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _log_frame_write(rows: list[dict], path: Path) -> None:
+    from saec.artifacts.store import write_table
+
+    write_table(_log_frame(rows), "cloud_train_log", path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _prefetch(fn, jobs: list, pool: ThreadPoolExecutor, depth: int) -> Iterator[Any]:
+    """fn(job) for each job, in order, computed up to `depth` jobs ahead in `pool`'s threads."""
+    pending: deque[Future] = deque()
+    it = iter(jobs)
+    try:
+        for job in it:
+            pending.append(pool.submit(fn, job))
+            if len(pending) >= depth:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            if not fut.cancelled():
+                fut.exception()
+
+
+def _fingerprint(cfg: CloudTrainConfig, train_jsonl: Path, model_id: str) -> dict:
+    learn = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _RESUME_FREE}
+    return {"config": hash_obj(learn), "train_data": sha256_file(train_jsonl), "base_model": model_id}
+
+
+def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, work_dir: Path, out_dir: Path) -> dict:
+    """Fine-tune the cloud model; resumes from work_dir's last checkpoint; writes out_dir/adapter (or model).
+
+    Returns a summary: paths written, steps, losses, timing, identities, validation metrics.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    train_jsonl, work_dir, out_dir = Path(train_jsonl), Path(work_dir), Path(out_dir)
+    rows = read_sft(train_jsonl)
+    val_rows = read_sft(Path(val_jsonl)) if val_jsonl else None
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    _seed_all(cfg.seed)
+    load_cfg = ModelLoadConfig(
+        model=cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        attn_implementation=cfg.attn_implementation,
+        quantization=cfg.quantization,
+    )
+    loaded = load_vlm(load_cfg)
+    if loaded.quantization == "nf4" and cfg.trainable == "full":
+        raise ValueError("trainable='full' cannot train 4-bit weights: use quantization='none'")
+    processor = loaded.processor
+    processor.tokenizer.padding_side = "right"
+    examples = build_examples(rows, processor)
+    model = setup_trainable(loaded, cfg)
+    loaded.model = model
+    base = loaded.base
+    device = loaded.device
+    autocast = device.type == "cuda" and loaded.dtype != torch.float32
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in named)
+    n_total = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    n_micro = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_lr_lambda, warmup=warmup, total=total_steps, kind=cfg.lr_scheduler)
+    )
+
+    fingerprint = _fingerprint(cfg, train_jsonl, loaded.model_id)
+    state, log_rows = TrainState(), []
+    for stale in (work_dir / CHECKPOINTS).glob(".tmp-step-*"):  # a checkpoint cut off mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    ckpts = _checkpoint_dirs(work_dir / CHECKPOINTS)
+    resumed_from = None
+    if ckpts:
+        state, log_rows = load_checkpoint(ckpts[-1], model, optimizer, scheduler, fingerprint)
+        state.session += 1
+        resumed_from = state.step
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="cloud training", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    t_session = time.perf_counter()
+    elapsed_at_start = state.elapsed_s
+
+    def elapsed() -> float:
+        return elapsed_at_start + time.perf_counter() - t_session
+
+    def make(job: list[int]) -> dict:
+        return prepare_batch(processor, loaded.family, [examples[i] for i in job], cfg.resize)
+
+    last_ckpt_step = state.step if resumed_from is not None else -1
+    pool = ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="saec-train-data")
+    try:
+        while state.step < total_steps and state.epoch < cfg.epochs:
+            order = epoch_order(cfg.seed, state.epoch, len(examples))
+            micro = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+            start = state.next_micro
+            window_losses: list[float] = []
+            window_stats = {"images": 0, "answer_tokens": 0, "tokens": 0}
+            t_step = time.perf_counter()
+            for k, batch in enumerate(_prefetch(make, micro[start:], pool, cfg.preprocess_workers + 1), start=start):
+                window_start = (k // cfg.grad_accum) * cfg.grad_accum
+                window_len = min(cfg.grad_accum, n_micro - window_start)
+                batch = {key: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for key, v in batch.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
+                with torch.autocast(device.type, dtype=loaded.dtype, enabled=autocast):
+                    loss, n_tok = answer_loss(base, batch)
+                (loss / window_len).backward()
+                window_losses.append(float(loss.detach()))
+                window_stats["images"] += int(batch["input_ids"].shape[0])
+                window_stats["answer_tokens"] += n_tok
+                window_stats["tokens"] += int(batch["attention_mask"].sum())
+                if k + 1 - window_start < window_len:
+                    continue
+                # ---- optimizer step
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.next_micro = k + 1
+                if state.next_micro >= n_micro:
+                    state.epoch, state.next_micro = state.epoch + 1, 0
+                dt = time.perf_counter() - t_step
+                state.elapsed_s = elapsed()
+                log_rows.append(
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch if state.next_micro else state.epoch - 1,
+                        "loss": float(np.mean(window_losses)),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "images": window_stats["images"],
+                        "answer_tokens": window_stats["answer_tokens"],
+                        "tokens": window_stats["tokens"],
+                        "images_per_s": window_stats["images"] / dt,
+                        "tokens_per_s": window_stats["tokens"] / dt,
+                        "step_seconds": dt,
+                        "elapsed_s": state.elapsed_s,
+                        "session": state.session,
+                    }
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", lr=f"{lr:.2e}")
+                done = state.step >= total_steps
+                if state.step % cfg.checkpoint_every == 0 or done:
+                    save_checkpoint(work_dir, state, model, optimizer, scheduler, log_rows, fingerprint,
+                                    cfg.keep_checkpoints, cfg.seed, len(examples))
+                    last_ckpt_step = state.step
+                window_losses, window_stats = [], {"images": 0, "answer_tokens": 0, "tokens": 0}
+                t_step = time.perf_counter()
+                if done:
+                    break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    bar.close()
+    if last_ckpt_step != state.step:  # e.g. resumed at the end: make the final state durable too
+        save_checkpoint(work_dir, state, model, optimizer, scheduler, log_rows, fingerprint,
+                        cfg.keep_checkpoints, cfg.seed, len(examples))
+
+    model.eval()
+    written = _write_outputs(model, loaded, cfg, out_dir, work_dir)
+    summary = {
+        **written,
+        "steps": state.step,
+        "total_steps": total_steps,
+        "epochs_done": state.epoch,
+        "examples": len(examples),
+        "resumed_from_step": resumed_from,
+        "sessions": state.session + 1,
+        "train_seconds": state.elapsed_s,
+        "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "trainable_parameters": n_trainable,
+        "total_parameters": n_total,
+        "quantization": loaded.quantization,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(device),
+        "model_id": loaded.model_id,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if val_rows is not None:
+        summary["val"] = evaluate(loaded, cfg, val_rows)
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _write_outputs(model, loaded: LoadedVLM, cfg: CloudTrainConfig, out_dir: Path, work_dir: Path) -> dict:
+    """out_dir/adapter (PEFT, loadable with PeftModel.from_pretrained) or out_dir/model; the step log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Saved modules go back to the model's dtype (they trained in float32).
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" not in name and p.dtype != loaded.dtype:
+            p.data = p.data.to(loaded.dtype)
+    result: dict[str, Any] = {}
+    if cfg.trainable == "full":
+        target = out_dir / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(target, safe_serialization=True)
+        for f in loaded.model_dir.iterdir():  # processor, tokenizer, chat template: as the base has them
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in {
+                "config.json", "model.safetensors.index.json", "generation_config.json"
+            }:
+                shutil.copy2(f, target / f.name)
+        result["model_dir"] = str(target)
+        result["adapter_dir"] = None
+        result["adapter_id"] = None
+    else:
+        target = out_dir / "adapter"
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(target)
+        record = {
+            "base_model_id": loaded.model_id,
+            "base_model_dir": str(loaded.model_dir),
+            "family": loaded.family,
+            "trainable": cfg.trainable,
+            "lora_target_modules": lora_target_regex(cfg.lora_mlp),
+            "train_config": cfg.model_dump(mode="json"),
+        }
+        (target / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
+        result["adapter_dir"] = str(target)
+        result["adapter_id"] = adapter_identity(target)
+        result["model_dir"] = str(loaded.model_dir)
+    shutil.copy2(work_dir / LOG_NAME, out_dir / LOG_NAME)
+    result["train_log"] = str(out_dir / LOG_NAME)
+    return result
+
+
+def evaluate(loaded: LoadedVLM, cfg: CloudTrainConfig, rows: list[SFTRow]) -> dict:
+    """Accuracy of the trained model on SFT rows, through the scoring engine (P(defect) >= 0.5)."""
+    from saec.tasks.cloud.engine import VLMScorer
+
+    score_cfg = CloudScoreConfig(
+        model=str(loaded.model_dir),
+        resize=cfg.resize,
+        batch_size=cfg.eval_batch_size,
+        threshold=0.5,
+        impl="fast",
+        progress=cfg.progress,
+    )
+    scorer = VLMScorer(score_cfg, loaded=loaded, merge_adapter=False)
+    scores = scorer.score([r.image for r in rows])
+    return classification_metrics(np.array([r.label for r in rows]), scores["pred"], scores["p_defect"])
+
+
+def classification_metrics(labels: np.ndarray, pred: np.ndarray, p: np.ndarray) -> dict:
+    good, bad = labels == 0, labels == 1
+    acc_good = float((pred[good] == 0).mean()) if good.any() else None
+    acc_bad = float((pred[bad] == 1).mean()) if bad.any() else None
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        "accuracy_good": acc_good,
+        "accuracy_defect": acc_bad,
+        "balanced_accuracy": (acc_good + acc_bad) / 2 if acc_good is not None and acc_bad is not None else None,
+        "mean_p_defect_good": float(p[good].mean()) if good.any() else None,
+        "mean_p_defect_defect": float(p[bad].mean()) if bad.any() else None,
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune the cloud model (resumable).")
+    parser.add_argument("--config", required=True, help="JSON file of CloudTrainConfig fields")
+    parser.add_argument("--train", required=True, type=Path)
+    parser.add_argument("--val", type=Path, default=None)
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    from saec.env import configure_offline
+
+    configure_offline()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CloudTrainConfig.model_validate_json(Path(args.config).read_text())
+    summary = train_vlm(cfg, args.train, args.val, args.work, args.out)
+    print(json.dumps({k: summary[k] for k in ("steps", "resumed_from_step", "sessions", "final_loss", "adapter_dir")}))
+
+
+if __name__ == "__main__":
+    main()

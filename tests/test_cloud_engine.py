@@ -1,0 +1,296 @@
+"""The embedded tiny Qwen2.5-VL, model loading and the scoring engine, on real files."""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from saec.artifacts.store import read_table  # noqa: E402
+from saec.prompts import ANSWER_PREFIX, chat_messages  # noqa: E402
+from saec.tasks.cloud.config import CloudScoreConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
+from saec.tasks.cloud.engine import VLMScorer, build_prompt_spec, last_real_index  # noqa: E402
+from saec.tasks.cloud.explain import STATUS_INVALID, STATUS_OK, parse_explanation  # noqa: E402
+from saec.tasks.cloud.images import UnreadableImageError, five_crops, load_rgb  # noqa: E402
+from saec.tasks.cloud.models import ModelLoadError, load_vlm, model_identity, weight_files  # noqa: E402
+from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Images of different sizes and modes (RGB, grey, 16-bit grey, palette)."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    shapes = [(120, 100, 3), (64, 200, 3), (150, 150), (90, 60, 3), (112, 112, 3), (200, 80)]
+    for i, shape in enumerate(shapes):
+        arr = rng.integers(0, 256, shape, dtype=np.uint8)
+        path = root / f"img{i}.png"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    Image.fromarray((rng.integers(0, 65535, (80, 80))).astype(np.uint16)).save(root / "img16.png")
+    Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).convert("P").save(root / "pal.png")
+    paths += [root / "img16.png", root / "pal.png"]
+    return paths
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+
+def test_tiny_folder_loads_like_the_real_one(tiny):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    names = {p.name for p in tiny.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+            "chat_template.json", "preprocessor_config.json", "generation_config.json"} <= names
+    processor = AutoProcessor.from_pretrained(tiny)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny)
+    tok = processor.tokenizer
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    for special in ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>"]:
+        ids = tok(special).input_ids
+        assert len(ids) == 1 and ids[0] >= len(json.loads((tiny / "vocab.json").read_text()))
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.get_text_config().vocab_size >= len(tok)
+    # "0" and "1" are single tokens right after the answer prefix
+    for label in "01":
+        assert tok(ANSWER_PREFIX + label).input_ids[:-1] == tok(ANSWER_PREFIX).input_ids
+    # our chat template renders Qwen's structure
+    text = processor.apply_chat_template(chat_messages("x.png", 1), tokenize=False)
+    assert text.startswith("<|im_start|>system\n") and "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" in text
+    assert text.endswith("<|im_start|>assistant\nLabel: 1<|im_end|>\n")
+
+
+def test_tiny_is_deterministic(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    again = build_tiny_qwen(tmp_path / "again", TinyModelConfig())
+    other = build_tiny_qwen(tmp_path / "other", TinyModelConfig(seed=1))
+    for name in ["vocab.json", "merges.txt", "config.json", "tokenizer_config.json"]:
+        assert (again / name).read_bytes() == (tiny / name).read_bytes()
+    a, b, c = (load_file(str(p / "model.safetensors")) for p in (tiny, again, other))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].numel() > 1)
+    assert model_identity(tiny) == model_identity(again) != model_identity(other)
+
+
+def test_tiny_visual_tokens_follow_image_size(tiny):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny)
+    cfg = TinyModelConfig()
+    img = Image.new("RGB", (500, 500))
+    enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[img], return_tensors="pt")
+    side = cfg.image_size // cfg.patch_size
+    assert enc["image_grid_thw"].tolist() == [[1, side, side]]
+    assert int((enc["input_ids"] == processor.image_token_id).sum()) == (side // cfg.spatial_merge_size) ** 2
+
+
+def test_tiny_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple"):
+        TinyModelConfig(image_size=100)
+    with pytest.raises(ValueError, match="divisible"):
+        TinyModelConfig(hidden_size=130)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_weightless_folder_names_missing_shards(tmp_path, tiny):
+    folder = tmp_path / "weightless"
+    shutil.copytree(tiny, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors"):
+        load_vlm(ModelLoadConfig(model=str(folder)))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(ModelLoadError, match="model-00001-of-00002.safetensors, model-00002-of-00002.safetensors"):
+        weight_files(folder)
+
+
+def test_missing_model_and_unknown_family(tmp_path, tiny):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_vlm(ModelLoadConfig(model=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelLoadError, match="Hugging Face cache"):
+        load_vlm(ModelLoadConfig(model="some-org/not-cached-model"))
+    folder = tmp_path / "other"
+    shutil.copytree(tiny, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="supports"):
+        load_vlm(ModelLoadConfig(model=str(folder)))
+
+
+def test_config_validation_fails_early():
+    with pytest.raises(ValueError, match="device"):
+        CloudScoreConfig(model="x", device="gpu")
+    with pytest.raises(ValueError):
+        CloudScoreConfig(model="x", threshold=1.5)
+    with pytest.raises(ValueError):
+        CloudScoreConfig(model="x", tta="ten_crop")
+    with pytest.raises(ValueError, match="extra"):
+        CloudScoreConfig(model="x", batchsize=3)
+    assert CloudScoreConfig(model="x").model_dump()["threshold"] == 0.26
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_images_decode_and_fail_by_name(images, tmp_path):
+    for p in images:
+        im = load_rgb(p, 56)
+        assert im.mode == "RGB" and im.size == (56, 56)
+    sixteen = np.asarray(load_rgb(images[-2], None))
+    assert sixteen.max() > 200  # 16-bit range mapped onto 8 bits, not clipped to white or black
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(images[0].read_bytes()[:200])
+    with pytest.raises(UnreadableImageError, match="broken.png"):
+        load_rgb(bad, 56)
+    with pytest.raises(UnreadableImageError, match="file not found"):
+        load_rgb(tmp_path / "missing.png", 56)
+    crops = five_crops(Image.new("RGB", (100, 60)), 40)
+    assert [c.size for c in crops] == [(40, 40)] * 5
+    small = five_crops(Image.new("RGB", (30, 20)), 40)
+    assert [c.size for c in small] == [(40, 40)] * 5
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_prompt_spec_of_the_tiny_model(tiny):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny)
+    spec = build_prompt_spec(processor)
+    generation = processor.apply_chat_template(chat_messages("image")[:1], tokenize=False, add_generation_prompt=True)
+    assert spec.prefix == generation + ANSWER_PREFIX and spec.matches_generation_prompt
+    tok = processor.tokenizer
+    assert tok.convert_ids_to_tokens(list(spec.label_ids)) == ["0", "1"]
+    assert spec.n_answer_prefix_tokens == len(tok(ANSWER_PREFIX).input_ids)
+
+
+def test_last_real_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_real_index(mask).tolist() == [2, 4, 4]
+
+
+def test_fast_equals_reference_with_padding_and_batches(tiny, images):
+    # resize=None keeps the images' own aspect ratios: rows get different lengths, so padding is real
+    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=None, batch_size=3, impl="fast", progress=False))
+    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=None, batch_size=1, impl="reference", progress=False),
+                    loaded=fast.loaded)
+    with ThreadPoolExecutor(1) as pool:
+        prepared = fast._prepare(0, [str(p) for p in images[:3]], pool)
+    lengths = prepared.batch["attention_mask"].sum(1)
+    assert lengths.unique().numel() > 1, "the test images must give rows of different lengths"
+    left = fast.score(images)
+    fast.processor.tokenizer.padding_side = "right"
+    right = fast.score(images)
+    single = ref.score(images)
+    np.testing.assert_allclose(left["p_defect"], single["p_defect"], atol=1e-5)
+    np.testing.assert_allclose(right["p_defect"], single["p_defect"], atol=1e-5)
+    assert left["p_defect"].std() > 0  # different images, different scores
+    assert left["batch_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert left["batch_size"].tolist() == [3, 3, 3, 3, 3, 3, 2, 2]
+
+
+def test_fast_path_never_builds_full_vocabulary_logits(tiny, images, monkeypatch):
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=112, batch_size=4, progress=False))
+    head = scorer._base.get_output_embeddings()
+    calls = []
+    monkeypatch.setattr(head, "forward", lambda x: calls.append(x.shape) or torch.zeros(*x.shape[:-1], head.out_features))
+    out = scorer.score(images[:4])
+    assert calls == [] and np.isfinite(out["p_defect"]).all()
+
+
+def test_threshold_and_softmax(tiny, images):
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=112, batch_size=4, threshold=0.26, progress=False))
+    out = scorer.score(images)
+    z = np.stack([out["logit_0"], out["logit_1"]], 1).astype(np.float64)
+    softmax = np.exp(z[:, 1]) / np.exp(z).sum(1)
+    np.testing.assert_allclose(out["p_defect"], softmax, rtol=1e-6)
+    assert (out["pred"] == (out["p_defect"] >= 0.26)).all()
+
+
+def test_five_crop_tta_fast_equals_reference(tiny, images, tmp_path):
+    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta="five_crop", progress=False))
+    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=2, tta="five_crop", impl="reference",
+                                     progress=False), loaded=fast.loaded)
+    a, b = fast.score(images[:5]), ref.score(images[:5])
+    np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-5)
+    np.testing.assert_allclose(a["logit_0"], b["logit_0"], rtol=1e-4)
+    assert (a["logit_0"] < 0).all() and (a["logit_1"] < 0).all()  # summed log-probabilities
+    # TTA of one image = mean over its five crops: score each crop saved as a 56 px file (whose
+    # five crops are then all the crop itself) and average
+    crop_paths = []
+    for i, crop in enumerate(five_crops(load_rgb(images[0], None), 56)):
+        crop.save(tmp_path / f"crop{i}.png")
+        crop_paths.append(tmp_path / f"crop{i}.png")
+    per_crop = fast.score(crop_paths)
+    np.testing.assert_allclose(per_crop["logit_0"].mean(), a["logit_0"][0], rtol=1e-5)
+    np.testing.assert_allclose(per_crop["logit_1"].mean(), a["logit_1"][0], rtol=1e-5)
+
+
+def test_unreadable_image_stops_scoring_with_its_name(tiny, images, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png at all")
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=112, batch_size=2, progress=False))
+    with pytest.raises(UnreadableImageError, match="corrupt.png"):
+        scorer.score([images[0], images[1], images[2], bad, images[3]])
+
+
+def test_score_manifest_writes_the_declared_table(tiny, images, tmp_path):
+    import pandas as pd
+
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=112, batch_size=4, threshold=0.0, explain=True,
+                                        explain_max_new_tokens=8, explain_batch_size=3, progress=False))
+    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(5)], "path": [str(p) for p in images[:5]]})
+    info = scorer.score_manifest(manifest, tmp_path / "scores.parquet")
+    table = read_table(tmp_path / "scores.parquet")
+    assert info["rows"] == 5 and list(table.image_id) == list(manifest.image_id)
+    assert (table.model_id == model_identity(tiny)).all() and table.adapter_id.isna().all()
+    assert (table.pred == 1).all()  # threshold 0: every image is a defect verdict and gets an explanation
+    # an untrained model writes no valid JSON: every explanation is recorded as invalid, with its reason
+    assert (table.explain_status == STATUS_INVALID).all() and table.explain_error.notna().all()
+    assert table.explain_raw.notna().all() and table.explain_bboxes.isna().all()
+
+
+def test_explanation_parsing_and_validation():
+    ok = parse_explanation('Sure: {"bboxes": [[1, 2, 30, 40]], "desc": "a scratch"} done', 100, 100)
+    assert ok.status == STATUS_OK and ok.explanation.bboxes == [[1, 2, 30, 40]] and ok.explanation.desc == "a scratch"
+    nested = parse_explanation('{"desc": "brace } in text", "bboxes": []}')
+    assert nested.status == STATUS_OK and nested.explanation.desc == "brace } in text"
+    cases = {
+        "no json here": "no JSON object",
+        '{"bboxes": [[1, 2, 3]], "desc": "x"}': "4",
+        '{"bboxes": [[5, 2, 3, 9]], "desc": "x"}': "ordered",
+        '{"bboxes": [], "desc": "  "}': "empty",
+        '{"bboxes": [[0, 0, 300, 10]], "desc": "x"}': "outside",
+        '{"bboxes": [], "desc": "x", "score": 1}': "Extra",
+        '{"bboxes": [[0, 0, 1, 1]]}': "desc",
+        '{"bboxes": [[0, 0, 1, 1]], "desc": "x"': "no JSON object",
+    }
+    for text, reason in cases.items():
+        parsed = parse_explanation(text, 100, 100)
+        assert parsed.status == STATUS_INVALID and parsed.explanation is None
+        assert reason.lower() in parsed.error.lower(), (text, parsed.error)

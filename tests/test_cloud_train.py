@@ -1,0 +1,270 @@
+"""Cloud-model training on the embedded tiny Qwen2.5-VL: answer-only loss, adapters, QLoRA, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from saec.artifacts.hashing import sha256_file  # noqa: E402
+from saec.artifacts.store import read_table  # noqa: E402
+from saec.prompts import chat_messages  # noqa: E402
+from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
+from saec.tasks.cloud.engine import VLMScorer  # noqa: E402
+from saec.tasks.cloud.models import ModelLoadError, load_vlm  # noqa: E402
+from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
+from saec.tasks.cloud.train import (  # noqa: E402
+    ResumeError,
+    SFTDataError,
+    answer_loss,
+    build_examples,
+    prepare_batch,
+    read_sft,
+    setup_trainable,
+    train_vlm,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig())
+
+
+def write_sft(folder: Path, n: int, seed: int = 0) -> Path:
+    """An SFT JSONL in the pipeline's format: defects carry a bright square on a noisy background."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    path = folder / "sft.jsonl"
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = i % 2
+            arr = rng.integers(60, 120, (96, 96, 3)).astype(np.uint8)
+            if label:
+                x, y = rng.integers(0, 64, 2)
+                arr[y : y + 28, x : x + 28] = 255
+            img = folder / f"{i:03d}.png"
+            Image.fromarray(arr).save(img)
+            record = {"image_id": sha256_file(img), "image": str(img), "label": label, "category": "squares",
+                      "defect_type": "square" if label else "good", "messages": chat_messages(str(img), label)}
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> Path:
+    return write_sft(tmp_path_factory.mktemp("sft"), 12)
+
+
+def tiny_cfg(model: Path, **kw) -> CloudTrainConfig:
+    base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2)
+    return CloudTrainConfig.tiny(model, **{**base, **kw})
+
+
+# --------------------------------------------------------------------------- data and loss
+
+
+def test_sft_rows_are_validated(tmp_path, sft):
+    lines = sft.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["messages"][-1]["content"][0]["text"] = "Label: 0"  # contradicts label 1
+    (tmp_path / "a.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(SFTDataError, match=r"a.jsonl:2: label 1 but the assistant says 'Label: 0'"):
+        read_sft(tmp_path / "a.jsonl")
+    gone = json.loads(lines[0]) | {"image": str(tmp_path / "gone.png")}
+    (tmp_path / "b.jsonl").write_text(json.dumps(gone) + "\n")
+    with pytest.raises(SFTDataError, match="gone.png does not exist"):
+        read_sft(tmp_path / "b.jsonl")
+    (tmp_path / "c.jsonl").write_text(json.dumps(json.loads(lines[0]) | {"label": 2}) + "\n")
+    with pytest.raises(SFTDataError, match="label"):
+        read_sft(tmp_path / "c.jsonl")
+
+
+def test_loss_is_on_the_answer_tokens_only(tiny, sft):
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
+    processor = loaded.processor
+    processor.tokenizer.padding_side = "right"
+    examples = build_examples(read_sft(sft)[:3], processor)
+    batch = prepare_batch(processor, loaded.family, examples, 56)
+    tok = processor.tokenizer
+    for row, ex in zip(range(3), examples):
+        answer = tok.decode(batch["input_ids"][row][batch["answer_mask"][row]])
+        assert answer == f"Label: {ex.label}<|im_end|>\n"
+    # the same loss as the plain Hugging Face forward with the prompt masked to -100
+    labels = torch.where(batch["answer_mask"], batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        plain = loaded.model(**{k: batch[k] for k in keys}, labels=labels).loss
+        ours, n_tokens = answer_loss(loaded.model, batch)
+    assert n_tokens == int(batch["answer_mask"][:, 1:].sum()) == 3 * 6
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_the_language_model_only(tiny, sft):
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
+    model = setup_trainable(loaded, CloudTrainConfig(model=str(tiny), trainable="lora+merger", quantization="none"))
+    # the frozen vision blocks stay out of the autograd graph; the trainable merger is in it
+    seen = {}
+    visual = model.get_base_model().model.visual
+
+    def spy(name):
+        def hook(module, args, output):
+            seen[name] = output.requires_grad
+
+        return hook
+
+    visual.blocks[-1].register_forward_hook(spy("blocks"))
+    visual.merger.register_forward_hook(spy("merger"))
+    loaded.processor.tokenizer.padding_side = "right"
+    batch = prepare_batch(loaded.processor, loaded.family, build_examples(read_sft(sft)[:2], loaded.processor), 56)
+    model.train()
+    loss, _ = answer_loss(model.get_base_model(), batch)
+    loss.backward()
+    assert seen == {"blocks": False, "merger": True}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in trainable if "lora_" in n]
+    assert lora and all(".language_model.layers." in n for n in lora)
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    saved = [n for n in trainable if "lora_" not in n]
+    assert saved and all(".visual.merger.modules_to_save." in n for n in saved)
+    assert not any(".visual.blocks." in n for n in trainable)
+
+
+def test_train_config_validates():
+    with pytest.raises(ValueError, match="4-bit"):
+        CloudTrainConfig(model="m", trainable="full", quantization="nf4")
+    with pytest.raises(ValueError):
+        CloudTrainConfig(model="m", lr=0)
+    cfg = CloudTrainConfig(model="m")
+    assert (cfg.epochs, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_ratio) == (3, 2, 8, 2e-4, 0.03)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.trainable) == (8, 16, 0.05, "lora+merger")
+
+
+# --------------------------------------------------------------------------- training end to end
+
+
+def test_train_adapter_loads_and_scores(tiny, sft, tmp_path):
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    summary = train_vlm(tiny_cfg(tiny, epochs=2), sft, sft, tmp_path / "work", tmp_path / "out")
+    adapter = Path(summary["adapter_dir"])
+    assert summary["steps"] == summary["total_steps"] == 6 and summary["resumed_from_step"] is None
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "saec_adapter.json").is_file()
+    assert summary["val"]["n"] == 12
+    log = read_table(tmp_path / "out" / "train_log.parquet")
+    assert log.step.tolist() == list(range(1, 7)) and (log.session == 0).all()
+    assert log.loss.iloc[-1] < log.loss.iloc[0] and (log.images_per_s > 0).all()
+    # the adapter is a plain PEFT adapter
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny)
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    # and scoring with it (merged, fast) equals the unmerged reference path, and differs from the base
+    images = [json.loads(line)["image"] for line in sft.read_text().splitlines()]
+    cfg = dict(model=str(tiny), resize=56, batch_size=5, progress=False)
+    fast = VLMScorer(CloudScoreConfig(**cfg, adapter=str(adapter)))
+    ref = VLMScorer(CloudScoreConfig(**cfg, adapter=str(adapter), impl="reference"))
+    bare = VLMScorer(CloudScoreConfig(**cfg))
+    assert fast.merged and not ref.merged
+    a, b, c = fast.score(images), ref.score(images), bare.score(images)
+    np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-4)
+    assert np.abs(a["p_defect"] - c["p_defect"]).max() > 1e-3
+    assert fast.adapter_id == summary["adapter_id"]
+
+
+def test_adapter_refuses_another_base(tiny, sft, tmp_path):
+    summary = train_vlm(tiny_cfg(tiny, max_steps=1), sft, None, tmp_path / "work", tmp_path / "out")
+    other = build_tiny_qwen(tmp_path / "other", TinyModelConfig(seed=5))
+    with pytest.raises(ModelLoadError, match="trained on base model"):
+        load_vlm(ModelLoadConfig(model=str(other), adapter=summary["adapter_dir"]))
+
+
+def test_resume_refuses_a_changed_config(tiny, sft, tmp_path):
+    train_vlm(tiny_cfg(tiny, max_steps=2), sft, None, tmp_path / "work", tmp_path / "out")
+    with pytest.raises(ResumeError, match="config"):
+        train_vlm(tiny_cfg(tiny, max_steps=2, lr=1e-4), sft, None, tmp_path / "work", tmp_path / "out")
+
+
+def test_qlora_nf4_keeps_the_merger_trainable(tiny, sft, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    cfg = CloudTrainConfig(model=str(tiny), quantization="nf4", trainable="lora+merger", dtype="float32",
+                           device="cpu", epochs=1, batch_size=4, grad_accum=1, max_steps=2, lr=1e-2,
+                           resize=56, progress=False)
+    summary = train_vlm(cfg, sft, None, tmp_path / "work", tmp_path / "out")
+    assert summary["quantization"] == "nf4" and summary["steps"] == 2
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny), quantization="nf4", adapter=summary["adapter_dir"]))
+    base = loaded.base
+    layers = dict(base.named_modules())
+    assert isinstance(layers["model.language_model.layers.0.self_attn.q_proj"].base_layer, bnb.nn.Linear4bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in layers.items() if n.startswith("model.visual"))
+    assert not isinstance(layers["lm_head"], bnb.nn.Linear4bit)
+    # the merger trained: its saved copy differs from the base weights
+    merger = layers["model.visual.merger"]
+    trained = merger.modules_to_save["default"].mlp[0].weight
+    original = merger.original_module.mlp[0].weight
+    assert not torch.allclose(trained.float(), original.float())
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
+    data = write_sft(tmp_path / "data", 24, seed=3)
+    cfg = tiny_cfg(tiny, epochs=2, batch_size=2, grad_accum=1, checkpoint_every=1, lora_dropout=0.1)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    args = [sys.executable, "-m", "saec.tasks.cloud.train", "--config", str(tmp_path / "cfg.json"),
+            "--train", str(data), "--threads", "1"]
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*args, "--work", str(work), "--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = work / "checkpoints" / "step-00000003" / "state.json"
+    deadline = time.monotonic() + 240
+    while not first.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in (work / "checkpoints").glob("step-*"))
+    assert killed_at < 24, "training finished before it could be interrupted"
+    (work / "checkpoints" / ".tmp-step-99999999-1").mkdir()  # a checkpoint cut off mid-write is ignored
+
+    summary = train_vlm(cfg, data, None, work, out)
+    assert summary["resumed_from_step"] == killed_at and summary["steps"] == 24
+    assert not (work / "checkpoints" / ".tmp-step-99999999-1").exists()
+    log = read_table(out / "train_log.parquet")
+    assert log.step.tolist() == list(range(1, 25))
+    assert set(log.session) == {0, 1} and (log.session[log.step <= killed_at] == 0).all()
+    assert (log.session[log.step > killed_at] == 1).all()
+    assert log.elapsed_s.is_monotonic_increasing
+
+    # resuming reproduces the uninterrupted run: same data order, RNG (dropout) and optimizer state
+    train_vlm(cfg, data, None, tmp_path / "work2", tmp_path / "out2")
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "out2" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read_table(tmp_path / "out2" / "train_log.parquet").loss, log.loss, rtol=1e-4)
