@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import task
 
 from saec.artifacts.schemas import empty_table
