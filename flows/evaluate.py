@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import RunFolder, StageResult, Store, write_json_atomic, write_table
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, collect
+from saec.flows.common import call_stage, collect, submit_stage
 from saec.tasks.cloud.task import release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
@@ -37,7 +37,7 @@ class Models:
 
 def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, sft: StageResult, m: Models) -> dict:
     store, tel = str(cfg.store.root), cfg.telemetry
-    score_cfg = cfg.cloud.score_config(m.vlm.path, threshold=cfg.routing.cloud_thr)
+    score_cfg = cfg.cloud.score_config(m.vlm.path)
     rule = cfg.routing.model_dump(include=RULE_FIELDS)
     sampler = Sampler(tel).start()
     t0 = time.perf_counter()
@@ -48,14 +48,14 @@ def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, s
     # the cloud starts on the quota images at once; the edge classifies the rest meanwhile
     p_first = dict(store=store, images=quota, table="cloud_manifest", model=m.vlm, adapter=m.adapter, cfg=score_cfg,
                    telemetry=tel, label="saec: complexity quota")  # fmt: skip
-    f_first = score_cloud.submit(**p_first)
+    f_first = submit_stage(score_cloud, **p_first)
     p_edge = dict(store=store, images=quota, table="edge_manifest", trained=m.edge, sft=sft, cfg=cfg.edge,
                   telemetry=tel, label="saec: edge branch")  # fmt: skip
-    edge = collect(run, predict_edge_task.submit(**p_edge), f"{name}/saec_edge", predict_edge_task, **p_edge)
+    edge = collect(run, submit_stage(predict_edge_task, **p_edge), f"{name}/saec_edge", predict_edge_task, **p_edge)
     p_route = dict(store=store, images=images, table="manifest", quota=quota, edge=edge, rule=rule)
     routing = collect(run, route_task.submit(**p_route), f"{name}/routing", route_task, **p_route)
     p_second = p_first | dict(images=routing, table="cloud_manifest", label="saec: edge unsure")
-    f_second = score_cloud.submit(**p_second, wait_for=[f_first])  # one GPU: after the first cloud batch
+    f_second = submit_stage(score_cloud, **p_second, wait_for=[f_first])  # one GPU: after the first cloud batch
     first = collect(run, f_first, f"{name}/saec_cloud_quota", score_cloud, **p_first)
     second = collect(run, f_second, f"{name}/saec_cloud_unsure", score_cloud, **p_second)
     p_merge = dict(store=store, images=images, table="manifest", routing=routing, edge=edge, cloud_first=first,
@@ -115,11 +115,11 @@ def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResu
     if system == "edge_only":
         res = call_stage(run, predict_edge_task, name=f"{name}/{system}", trained=m.edge, sft=sft, cfg=cfg.edge, **common)
     elif system == "cloud_only":
-        score_cfg = cfg.cloud.score_config(m.vlm.path, threshold=cfg.routing.cloud_thr)
+        score_cfg = cfg.cloud.score_config(m.vlm.path)
         res = call_stage(run, score_cloud, name=f"{name}/{system}", model=m.vlm, adapter=m.adapter, cfg=score_cfg, **common)
     else:
         model = m.vlm if system == "qwen_zeroshot" else m.llava
-        score_cfg = cfg.cloud.score_config(model.path, baseline=True, threshold=cfg.routing.cloud_thr)
+        score_cfg = cfg.cloud.score_config(model.path, baseline=True)
         res = call_stage(run, score_cloud, name=f"{name}/{system}", model=model, adapter=None, cfg=score_cfg, **common)
     measurement = {"wall_s": res.info.get("seconds"), "serial_s": res.info.get("seconds"),
                    "telemetry": res.info.get("telemetry", {}), "measured": "inside its stage"}  # fmt: skip

@@ -199,18 +199,10 @@ def sweep_cmd(
 
 @app.command("runs")
 def runs_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """List the runs in the artifact store."""
-    from saec.artifacts.store import Store
+    """List the runs in the artifact store (the same as `saec inspect runs`)."""
+    from saec.inspect import print_runs
 
-    cfg = _load(config, set_)
-    table = Table(title=str(cfg.store.root))
-    for col in ("run", "flow", "status", "started", "wall s", "stages ran/cached"):
-        table.add_column(col)
-    for r in Store(cfg.store.root).runs():
-        states = [s["state"] for s in r.record["stages"].values()]
-        table.add_row(r.run_id, r.flow, r.record.get("status", "?"), r.record.get("started", ""),
-                      str(r.record.get("wall_s", "")), f"{states.count('ran')}/{states.count('cached')}")  # fmt: skip
-    console.print(table)
+    print_runs(_load(config, set_).store.root)
 
 
 @app.command()
@@ -229,6 +221,21 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     cfg = _load(config, set_)
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# --- operations: artifact inspection (saec/inspect.py) and deployments (deployments/deploy.py) ---
+from saec.inspect import app as _inspect_app  # noqa: E402
+
+app.add_typer(_inspect_app, name="inspect", help="Runs, metrics, tables and Prefect artifacts: list, show, compare.")
+
+
+@app.command("deploy", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def deploy_cmd(ctx: typer.Context) -> None:
+    """Prefect deployments: apply (work pools + deployments), serve, run. See `saec deploy --help`."""
+    from saec.deployments.deploy import app as deploy_app
+
+    typer.main.get_command(deploy_app)(args=ctx.args, prog_name="saec deploy")
+# --- end operations
 
 
 def main() -> None:

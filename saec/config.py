@@ -79,8 +79,9 @@ class CloudConfig(BaseModel):
             return CloudTrainConfig.tiny(model_path, **self.train)
         return CloudTrainConfig(model=model_path, **self.train)
 
-    def score_config(self, model_path: str, baseline: bool = False, threshold: float = 0.26) -> CloudScoreConfig:
-        values: dict[str, Any] = {"model": model_path, "threshold": threshold}
+    def score_config(self, model_path: str, baseline: bool = False) -> CloudScoreConfig:
+        """Scoring settings; decisions apply `routing.cloud_thr` to P(defect) later, at merge time."""
+        values: dict[str, Any] = {"model": model_path}
         if self.embedded:
             values |= {"resize": self.tiny.image_size, "device": "cpu", "dtype": "float32", "batch_size": 16}
         values |= self.baseline_score if baseline and not self.embedded else {}

@@ -1,0 +1,221 @@
+"""Create, serve and trigger the SAEC deployments declared in `deployments/prefect.yaml`.
+
+    saec deploy apply              work pools (process type) + every deployment, on the server PREFECT_API_URL names
+    saec deploy serve              every deployment served by this one process (no pools, no workers)
+    saec deploy run NAME [--set ...] [--wait]   one flow run of a deployment, e.g. saec-pipeline/distributed
+
+`prefect.yaml` stays the single description of the deployments: `apply` hands it to
+`prefect deploy`, and `serve` reads the same entries.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+PREFECT_FILE = Path(__file__).resolve().with_name("prefect.yaml")
+WORK_POOL_TYPE = "process"
+
+console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect deployments of SAEC: apply, serve, run.")
+
+
+class SpecError(ValueError):
+    """The deployments file is malformed; the message names the entry."""
+
+
+def load_spec(path: str | Path = PREFECT_FILE) -> dict[str, Any]:
+    """The deployments file, YAML anchors resolved."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"deployments file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    entries = spec.get("deployments")
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{path}: no `deployments:` list")
+    for i, d in enumerate(entries):
+        for field in ("name", "entrypoint", "work_pool"):
+            if not d.get(field):
+                raise SpecError(f"{path}: deployment #{i + 1} ({d.get('name', '?')}) has no {field!r}")
+    return spec
+
+
+def _flow_of(entrypoint: str):
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+
+
+def deployment_names(spec: dict[str, Any]) -> list[str]:
+    """'<flow name>/<deployment name>' of every entry (imports the flows to learn their names)."""
+    return [f"{_flow_of(d['entrypoint']).name}/{d['name']}" for d in spec["deployments"]]
+
+
+def work_pool_names(spec: dict[str, Any]) -> list[str]:
+    return sorted({d["work_pool"]["name"] for d in spec["deployments"]})
+
+
+def ensure_work_pools(names: list[str], pool_type: str = WORK_POOL_TYPE) -> list[str]:
+    """Create each work pool that does not exist yet (of `pool_type`); return the names created."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    if pool_type != WORK_POOL_TYPE:
+        raise ValueError(f"only {WORK_POOL_TYPE!r} work pools are created here; create {pool_type!r} pools with `prefect work-pool create`")
+
+    async def go() -> list[str]:
+        created = []
+        async with get_client() as client:
+            for name in names:
+                try:
+                    pool = await client.read_work_pool(name)
+                except ObjectNotFound:
+                    template = ProcessWorker.get_default_base_job_template()
+                    await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+                    created.append(name)
+                    continue
+                if pool.type != pool_type:
+                    console.print(f"[yellow]work pool {name!r} exists with type {pool.type!r}; its workers must run SAEC's flows[/yellow]")
+        return created
+
+    return asyncio.run(go())
+
+
+def apply(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, workdir: str | Path | None = None) -> None:
+    """Create the work pools, then the deployments (all, or those named '<flow>/<deployment>')."""
+    prefect_file = Path(prefect_file).resolve()
+    spec = load_spec(prefect_file)
+    created = ensure_work_pools(work_pool_names(spec))
+    if created:
+        console.print(f"created work pool(s): {', '.join(created)} ({WORK_POOL_TYPE})")
+    which = [arg for n in names for arg in ("--name", n)] if names else ["--all"]
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", *which, "--prefect-file", str(prefect_file)]
+    done = subprocess.run(cmd, cwd=workdir or Path.cwd(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`prefect deploy` failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+
+
+def runner_deployments(spec: dict[str, Any], names: list[str] | None = None) -> list:
+    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (work pools do not apply)."""
+    from prefect.schedules import Cron, Interval
+
+    out = []
+    for d in spec["deployments"]:
+        fl = _flow_of(d["entrypoint"])
+        if names and f"{fl.name}/{d['name']}" not in names:
+            continue
+        schedules = []
+        for s in d.get("schedules") or []:
+            if "cron" in s:
+                schedules.append(Cron(s["cron"], timezone=s.get("timezone")))
+            elif "interval" in s:
+                schedules.append(Interval(s["interval"], timezone=s.get("timezone")))
+            else:
+                raise SpecError(f"deployment {d['name']}: only cron and interval schedules are served here")
+        out.append(fl.to_deployment(name=d["name"], parameters=d.get("parameters") or {}, tags=d.get("tags") or [],
+                                    description=d.get("description"), schedules=schedules or None))  # fmt: skip
+    if names and len(out) != len(names):
+        raise SpecError(f"unknown deployment(s) among {names}; known: {deployment_names(spec)}")
+    return out
+
+
+def trigger(name: str, parameters: dict[str, Any] | None = None, wait_s: float | None = 0, poll_s: float = 5):
+    """Start a flow run of deployment `name`; with `wait_s` (None = forever), wait for its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters or {}, timeout=0, as_subflow=False)
+    if wait_s == 0:
+        return run
+    t0 = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while wait_s is None or time.monotonic() - t0 < wait_s:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(poll_s)
+    return run
+
+
+# ------------------------------------------------------------------ command line
+
+FileOpt = Annotated[Path, typer.Option("--file", "-f", help="deployments file")]
+NameOpt = Annotated[Optional[list[str]], typer.Option("--name", "-n", help="'<flow>/<deployment>' (repeatable); default: all")]
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+@app.command("apply")
+def apply_cmd(prefect_file: FileOpt = PREFECT_FILE, name: NameOpt = None) -> None:
+    """Create the work pools and deployments on the Prefect server (run it from the repository root)."""
+    try:
+        apply(prefect_file, name)
+    except (SpecError, RuntimeError) as exc:
+        _fail(str(exc))
+    for n in name or deployment_names(load_spec(prefect_file)):
+        console.print(f"deployed {n}")
+    pools = work_pool_names(load_spec(prefect_file))
+    console.print("start a worker per pool: " + "; ".join(f"prefect worker start --pool {p}" for p in pools))
+
+
+@app.command("serve")
+def serve_cmd(
+    prefect_file: FileOpt = PREFECT_FILE,
+    name: NameOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="most flow runs at once")] = None,
+) -> None:
+    """Serve the deployments from this process: no work pools, no workers (one machine)."""
+    from prefect import serve
+
+    try:
+        deployments = runner_deployments(load_spec(prefect_file), name)
+    except SpecError as exc:
+        _fail(str(exc))
+    serve(*deployments, limit=limit)
+
+
+@app.command("run")
+def run_cmd(
+    deployment: Annotated[str, typer.Argument(help="'<flow>/<deployment>', e.g. saec-pipeline/distributed")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of config sections")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="config override, section.field=value")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="other flow parameter, key=value (YAML)")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the run's final state")] = False,
+) -> None:
+    """Start a run of a deployment; config and overrides go to its `config` and `overrides` parameters."""
+    params: dict[str, Any] = {}
+    if config is not None:
+        params["config"] = str(config)
+    if set_:
+        params["overrides"] = list(set_)
+    for item in param or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            _fail(f"--param {item!r}: expected key=value")
+        params[key.strip()] = yaml.safe_load(raw)
+    run = trigger(deployment, params, wait_s=None if wait else 0)
+    console.print(f"flow run {run.name} ({run.id}): {run.state.name if run.state else 'scheduled'}")
+    if wait and run.state is not None and not run.state.is_completed():
+        console.print(f"[red]{run.state.message}[/red]")
+        console.print(f"retry it with: prefect flow-run retry {run.id}")
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # python -m saec.deployments.deploy ... (the same as `saec deploy ...`)
+    from saec.env import configure_offline
+
+    configure_offline()
+    app(prog_name="saec deploy")

@@ -1,0 +1,293 @@
+"""The pipeline as deployments run it: in one process, or with its edge and cloud stages on their own machines.
+
+`saec-pipeline` is the deployed entry point. With `distributed=False` it runs the same
+`pipeline` flow as `saec run`. With `distributed=True` the edge stages (train and run the
+YOLO classifier) go to the `run-stage/edge` deployment, served by workers of the `edge`
+work pool (CPU machines), and the cloud stages (build, train and run the VLM) go to
+`run-stage/cloud`, served by the `cloud` pool (GPU machines). Everything else, and the
+decisions of what runs when, stays in the parent flow.
+
+The parent and the stage runs exchange references only: a stage's parameters and its
+`StageResult` (paths and content hashes into the artifact store), never data. So every
+machine must see the artifact store, and Prefect's result folder inside it
+(`<store>/prefect`), at the same absolute path: one machine by default, a shared
+NFS mount for several.
+
+A stage whose result Prefect already holds is taken from the cache in the parent and is
+not sent anywhere; only stages that must compute are dispatched.
+"""
+from __future__ import annotations
+
+import contextvars
+import socket
+import time
+import typing
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import Task, flow
+from prefect.states import Completed, Failed, Pending, State
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic_core import to_jsonable_python
+
+from saec.env import configure_offline
+
+configure_offline()
+
+from saec.artifacts.store import RunFolder, StageResult  # noqa: E402
+from saec.config import PipelineConfig, load_config  # noqa: E402
+from saec.flows.common import outputs_present, cached_result, placed, run_here  # noqa: E402
+from saec.flows.pipeline import pipeline_flow  # noqa: E402
+from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
+from saec.tasks.edge.task import predict_edge_task, train_edge_task  # noqa: E402
+
+EDGE_TASKS: tuple[Task, ...] = (train_edge_task, predict_edge_task)
+CLOUD_TASKS: tuple[Task, ...] = (tiny_vlm_task, tiny_llava_task, train_cloud, score_cloud)
+STAGE_TASKS: dict[str, Task] = {t.name: t for t in (*EDGE_TASKS, *CLOUD_TASKS)}
+
+
+class RemoteStageError(RuntimeError):
+    """A dispatched stage did not complete, or its outputs are not visible to the parent."""
+
+
+class RemoteConfig(BaseModel):
+    """Where the edge and cloud stages of a distributed run go, and how long to wait for them."""
+
+    model_config = ConfigDict(extra="forbid")
+    edge_deployment: str = Field("run-stage/edge", description="deployment that runs edge stages (flow/deployment)")
+    cloud_deployment: str = Field("run-stage/cloud", description="deployment that runs cloud stages")
+    edge_stages: list[str] = Field(default_factory=lambda: [t.name for t in EDGE_TASKS])
+    cloud_stages: list[str] = Field(default_factory=lambda: [t.name for t in CLOUD_TASKS])
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the parent asks for a stage run's state")
+    start_timeout_s: float = Field(600.0, gt=0, description="fail if no worker picks a stage run up within this")
+    timeout_s: float | None = Field(None, gt=0, description="fail if a stage run takes longer (None: no limit)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RemoteConfig":
+        for field in ("edge_deployment", "cloud_deployment"):
+            value = getattr(self, field)
+            if value.count("/") != 1 or not all(value.split("/")):
+                raise ValueError(f"remote.{field}={value!r}: expected '<flow name>/<deployment name>'")
+        unknown = sorted(set(self.edge_stages + self.cloud_stages) - set(STAGE_TASKS))
+        if unknown:
+            raise ValueError(f"remote: unknown stage(s) {unknown}; stages that can run remotely: {sorted(STAGE_TASKS)}")
+        both = sorted(set(self.edge_stages) & set(self.cloud_stages))
+        if both:
+            raise ValueError(f"remote: stage(s) {both} are placed on both the edge and the cloud")
+        return self
+
+
+# ------------------------------------------------------------------ parameters over the wire
+
+
+def _hints(task: Task) -> dict[str, Any]:
+    return typing.get_type_hints(task.fn)
+
+
+def encode_params(task: Task, params: dict[str, Any]) -> dict[str, Any]:
+    """A stage's parameters as JSON: references and configs only, so this stays small."""
+    hints = _hints(task)
+    unknown = sorted(set(params) - set(hints))
+    if unknown:
+        raise TypeError(f"stage {task.name!r} takes no parameter(s) {unknown}")
+    return {k: to_jsonable_python(v) for k, v in params.items()}
+
+
+def decode_params(task: Task, params: dict[str, Any]) -> dict[str, Any]:
+    """The typed parameters again (StageResult, ModelRef, configs), validated against the task's signature."""
+    hints = _hints(task)
+    unknown = sorted(set(params) - set(hints))
+    if unknown:
+        raise TypeError(f"stage {task.name!r} takes no parameter(s) {unknown}")
+    return {k: TypeAdapter(hints[k]).validate_python(v) for k, v in params.items()}
+
+
+# ------------------------------------------------------------------ the flow a stage worker runs
+
+
+@flow(name="run-stage", persist_result=True, log_prints=True)
+def run_stage_flow(stage: str, params: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+    """Run one stage task on this machine; return its result reference and whether it was cached.
+
+    The dispatching parent sets PREFECT_LOCAL_STORAGE_PATH to the store's Prefect folder,
+    so this run's cache record and its return value land where the parent reads them.
+    """
+    if stage not in STAGE_TASKS:
+        raise ValueError(f"unknown stage {stage!r}; this flow runs {sorted(STAGE_TASKS)}")
+    task = STAGE_TASKS[stage]
+    result, cached = run_here(task, decode_params(task, params), refresh)
+    return {"result": result.model_dump(mode="json"), "cached": cached, "host": socket.gethostname()}
+
+
+# ------------------------------------------------------------------ the parent's side
+
+
+class StageFuture:
+    """A stage running elsewhere, seen through the interface `collect` uses on Prefect futures."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def wait(self, timeout: float | None = None) -> None:
+        wait_futures([self._future], timeout=timeout)
+
+    def result(self, timeout: float | None = None) -> StageResult:
+        return self._future.result(timeout)[0]
+
+    @property
+    def state(self) -> State:
+        if not self._future.done():
+            return Pending()
+        if (exc := self._future.exception()) is not None:
+            return Failed(message=f"{type(exc).__name__}: {exc}")
+        return Completed(name="Cached") if self._future.result()[1] else Completed()
+
+
+def _upstream_ok(future: Any) -> None:
+    future.wait()
+    state = future.state
+    if not state.is_completed():
+        raise RemoteStageError(f"an upstream stage did not complete ({state.name}: {state.message})")
+
+
+class RemoteStages:
+    """Sends the stages it owns to their deployments; cache hits are served in the parent."""
+
+    def __init__(self, cfg: RemoteConfig, result_path: str | Path, max_parallel: int = 4):
+        self.cfg = cfg
+        self.result_path = str(Path(result_path).resolve())
+        self.where = {n: cfg.edge_deployment for n in cfg.edge_stages} | {n: cfg.cloud_deployment for n in cfg.cloud_stages}
+        self._threads = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="saec-remote")
+        self.dispatched: list[dict[str, Any]] = []  # stage, deployment, flow run, host of every stage sent
+
+    def owns(self, task: Task) -> bool:
+        return task.name in self.where
+
+    def run(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
+        if not refresh and (hit := cached_result(task, params)) is not None:
+            return hit, True
+        return self._dispatch(task, params, refresh)
+
+    def submit(self, task: Task, params: dict[str, Any], wait_for: list | None) -> StageFuture:
+        def go() -> tuple[StageResult, bool]:
+            for upstream in wait_for or []:
+                _upstream_ok(upstream)
+            return self.run(task, params, refresh=False)
+
+        return StageFuture(self._threads.submit(contextvars.copy_context().run, go))
+
+    def close(self, wait: bool = True) -> None:
+        self._threads.shutdown(wait=wait, cancel_futures=True)
+
+    def _dispatch(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+        from prefect.states import Cancelled
+
+        deployment = self.where[task.name]
+        label = params.get("label")
+        run = run_deployment(
+            deployment,
+            parameters={"stage": task.name, "params": encode_params(task, params), "refresh": refresh},
+            job_variables={"env": {"PREFECT_LOCAL_STORAGE_PATH": self.result_path}},
+            flow_run_name=f"{task.name}: {label}" if label else task.name,
+            tags=["saec", deployment.split("/")[1]],
+            timeout=0,
+        )
+        t0 = time.monotonic()
+        started = None
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run.id)
+                state = run.state
+                if state is not None and state.is_final():
+                    break
+                now = time.monotonic()
+                if started is None and state is not None and (state.is_pending() or state.is_running()):
+                    started = now  # a worker took it
+                if started is None and now - t0 > self.cfg.start_timeout_s:
+                    client.set_flow_run_state(run.id, Cancelled(message="no worker picked it up"), force=True)
+                    pool = client.read_deployment_by_name(deployment).work_pool_name
+                    raise RemoteStageError(
+                        f"stage {task.name!r}: no worker of work pool {pool!r} picked up flow run {run.name} "
+                        f"within {self.cfg.start_timeout_s:.0f} s; start one with `prefect worker start --pool {pool}`"
+                    )
+                if started is not None and self.cfg.timeout_s is not None and now - started > self.cfg.timeout_s:
+                    client.set_flow_run_state(run.id, Cancelled(message="timed out"), force=True)
+                    raise RemoteStageError(f"stage {task.name!r}: flow run {run.name} ran longer than {self.cfg.timeout_s} s")
+                time.sleep(self.cfg.poll_interval_s)
+        if not state.is_completed():
+            raise RemoteStageError(f"stage {task.name!r} on {deployment}: flow run {run.name} ({run.id}) ended {state.name}: {state.message}")
+        out = state.result()
+        result = StageResult.model_validate(out["result"])
+        if not outputs_present(result):
+            raise RemoteStageError(
+                f"stage {task.name!r} ran on {out['host']} and wrote {result.dir}, which this machine ({socket.gethostname()}) "
+                "cannot see: the artifact store (store.root) must be one shared path on every machine"
+            )
+        self.dispatched.append({"stage": task.name, "deployment": deployment, "flow_run": str(run.id), "host": out["host"],
+                                "cached": bool(out["cached"])})  # fmt: skip
+        return result, bool(out["cached"])
+
+
+# ------------------------------------------------------------------ deployed entry points
+
+
+def entry_config(config: str | None, overrides: list[str] | None) -> PipelineConfig:
+    """The configuration of a deployed run: validated before any work, with the store as an absolute path."""
+    cfg = load_config(config, overrides)  # ConfigError names the field and the fix
+    return cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": cfg.store.root.resolve()})})
+
+
+def result_path(cfg: PipelineConfig) -> Path:
+    """Prefect's result and cache folder of a store: the same one `saec run` uses."""
+    return cfg.store.root / "prefect"
+
+
+def run_summary(run: RunFolder) -> dict[str, Any]:
+    rec = run.record
+    return {
+        "run_id": run.run_id,
+        "run_dir": str(run.path),
+        "status": rec.get("status"),
+        "stages": {name: st["state"] for name, st in rec["stages"].items()},
+        "reports": rec.get("reports", {}),
+    }
+
+
+@contextmanager
+def stage_placement(cfg: PipelineConfig, distributed: bool, remote: RemoteConfig | None) -> Iterator[RemoteStages | None]:
+    """Within this block the edge and cloud stages go to their work pools (distributed), or nothing changes."""
+    if not distributed:
+        yield None
+        return
+    stages = RemoteStages(remote or RemoteConfig(), result_path(cfg))
+    failed = True
+    try:
+        with placed(stages):
+            yield stages
+        failed = False
+    finally:
+        # after a failure, stage runs already sent finish on their workers (and fill the cache)
+        stages.close(wait=not failed)
+
+
+@flow(name="saec-pipeline", log_prints=True, persist_result=True)
+def saec_pipeline(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    distributed: bool = False,
+    remote: RemoteConfig | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline: in this process, or with edge and cloud stages on their work pools.
+
+    `config` is a YAML file and `overrides` are `section.field=value` items, as for `saec run`.
+    """
+    cfg = entry_config(config, overrides)
+    inner = pipeline_flow.with_options(result_storage=result_path(cfg))
+    with stage_placement(cfg, distributed, remote) as stages:
+        out = inner(cfg)
+    return run_summary(out["run"]) | {"dispatched": stages.dispatched if stages else []}
