@@ -155,7 +155,7 @@ EDGE_PREDICTIONS = pa.schema(
         ("top1_name", _str),  # its name (ImageNet class, or "good"/"defect")
         ("verdict", pa.int8()),  # 0 good, 1 defect: the seed's rule (imagenet_rule) or p_defect >= threshold
         ("mode", _str),  # "imagenet_rule" | "supervised"
-        ("runtime", _str),  # "onnxruntime" | "torch"
+        ("runtime", _str),  # "onnxruntime" | "onnxruntime-int8" | "torch"
         ("model_id", _str),  # sha256 (16 hex) of the weights file; "yaml-..." for a model built from a .yaml
         ("imgsz", _i32),
         ("batch_index", _i32),

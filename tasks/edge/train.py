@@ -1,0 +1,176 @@
+"""Training the supervised edge: a two-class (good/defect) YOLO11-cls on the SFT split.
+
+The SFT JSONL files are laid out as the ImageFolder Ultralytics' classification trainer
+reads (``train/{good,defect}``, ``val/{good,defect}``, symlinks named by image id), and
+the trainer runs on the CPU, seeded and deterministic. The class folders sort as
+``defect`` (0), ``good`` (1); the checkpoint's `names` say so and inference looks the
+defect index up by name, never by position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from saec.artifacts.hashing import sha256_file
+from saec.artifacts.store import atomic_path
+from saec.tasks.edge.config import EdgeConfig
+from saec.tasks.edge.model import EdgeModelError, load_classifier, ultralytics
+from saec.tasks.edge.predict import defect_index
+
+CLASS_DIRS = {0: "good", 1: "defect"}
+
+
+def read_sft_jsonl(path: str | Path) -> pd.DataFrame:
+    """(image_id, path, label) of every example of an SFT JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT file {path} does not exist")
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rows.append({"image_id": str(rec["image_id"]), "path": str(rec["image"]), "label": int(rec["label"])})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: not an SFT record with image_id, image, label ({exc})") from None
+    df = pd.DataFrame(rows, columns=["image_id", "path", "label"])
+    bad = df[~df.label.isin([0, 1])]
+    if len(bad):
+        raise ValueError(f"{path}: labels must be 0 or 1; found {sorted(bad.label.unique())}")
+    return df
+
+
+def build_imagefolder(
+    train: pd.DataFrame, val: pd.DataFrame, root: str | Path, balance: bool = True
+) -> dict[str, dict[str, int]]:
+    """Symlink the images into root/{train,val}/{good,defect}/<image_id><suffix>; return the counts.
+
+    With `balance`, the smaller class of the train split is oversampled by extra links
+    (``<image_id>~<k><suffix>``) until both classes have the same number of entries, so the
+    trainer sees as many defects as goods per epoch. Fails when a split lacks a class, an
+    image is missing, or an image is in both splits.
+    """
+    root = Path(root)
+    leaked = sorted(set(train.image_id) & set(val.image_id))
+    if leaked:
+        raise ValueError(f"{len(leaked)} images are in both the SFT train and val files (e.g. {leaked[0]})")
+    if root.exists():
+        shutil.rmtree(root)
+    counts: dict[str, dict[str, int]] = {}
+    for split, df in (("train", train), ("val", val)):
+        df = df.drop_duplicates("image_id")
+        missing = [p for p in df.path if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} SFT {split} images do not exist, e.g. {missing[0]}")
+        counts[split] = {}
+        for label, cls in CLASS_DIRS.items():
+            rows = df[df.label == label]
+            if rows.empty:
+                raise ValueError(f"the SFT {split} split has no {cls!r} images; the edge classifier needs both classes")
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for image_id, src in zip(rows.image_id, rows.path):
+                os.symlink(Path(src).resolve(), folder / f"{image_id}{Path(src).suffix.lower()}")
+            counts[split][cls] = len(rows)
+        if balance and split == "train":
+            target = max(counts[split].values())
+            for label, cls in CLASS_DIRS.items():
+                rows = df[df.label == label]
+                for k in range(target - len(rows)):  # whole passes over the class, then a prefix
+                    image_id, src = rows.image_id.iloc[k % len(rows)], rows.path.iloc[k % len(rows)]
+                    dst = root / split / cls / f"{image_id}~{k // len(rows) + 1}{Path(src).suffix.lower()}"
+                    os.symlink(Path(src).resolve(), dst)
+                counts[split][f"{cls}_oversampled"] = target - len(rows)
+    return counts
+
+
+def train_edge(
+    cfg: EdgeConfig,
+    train_jsonl: str | Path,
+    val_jsonl: str | Path,
+    work_dir: str | Path,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Train the two-class edge classifier; write out_dir/best.pt and out_dir/train_results.csv.
+
+    From the config's .yaml the model starts from seeded random weights (the embedded
+    default); from a .pt checkpoint it is fine-tuned (Ultralytics replaces its head with a
+    two-class one). Returns the best checkpoint's path, model id, class names, validation
+    top-1 accuracy and timings.
+    """
+    if cfg.mode != "supervised":
+        raise ValueError(f"train_edge is for edge.mode=supervised, not {cfg.mode!r}")
+    import torch
+
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    train, val = read_sft_jsonl(train_jsonl), read_sft_jsonl(val_jsonl)
+    counts = build_imagefolder(train, val, work_dir / "imagefolder", balance=cfg.train.balance_classes)
+
+    ul = ultralytics()
+    threads = cfg.resolved_threads()
+    torch.set_num_threads(threads)
+    t = cfg.train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        yolo = ul.YOLO(cfg.weights, task="classify")
+    t0 = time.perf_counter()
+    try:
+        metrics = yolo.train(
+            data=str(work_dir / "imagefolder"),
+            epochs=t.epochs,
+            imgsz=cfg.imgsz,
+            batch=t.batch,
+            device="cpu",
+            workers=t.workers,
+            project=str(work_dir),
+            name="run",
+            exist_ok=True,
+            seed=t.seed,
+            deterministic=True,
+            pretrained=not cfg.from_yaml,
+            amp=False,
+            plots=False,
+            verbose=False,
+            **{k: v for k, v in t.ultralytics_args().items() if k not in ("epochs", "batch", "workers", "seed")},
+        )
+    except Exception as exc:  # noqa: BLE001 - name the stage and the data it failed on
+        raise EdgeModelError(f"edge training failed on {work_dir / 'imagefolder'}: {type(exc).__name__}: {exc}") from exc
+    train_s = time.perf_counter() - t0
+
+    run_dir = Path(yolo.trainer.save_dir)
+    best = run_dir / "weights" / "best.pt"
+    if not best.is_file():
+        raise EdgeModelError(f"Ultralytics finished without writing {best}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "best.pt") as tmp:
+        shutil.copyfile(best, tmp)
+    results_csv = run_dir / "results.csv"
+    if results_csv.is_file():
+        with atomic_path(out_dir / "train_results.csv") as tmp:
+            shutil.copyfile(results_csv, tmp)
+    loaded = load_classifier(out_dir / "best.pt")  # proves the checkpoint loads and is a good/defect model
+    defect_index(loaded.names)
+    history = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
+    history.columns = [c.strip() for c in history.columns]
+    return {
+        "best": str((out_dir / "best.pt").resolve()),
+        "results_csv": str((out_dir / "train_results.csv").resolve()) if results_csv.is_file() else None,
+        "model_id": sha256_file(out_dir / "best.pt")[:16],
+        "names": {str(k): v for k, v in loaded.names.items()},
+        "counts": counts,
+        "epochs_run": int(len(history)),
+        "val_top1": float(getattr(metrics, "top1", float("nan"))) if metrics is not None else None,
+        "val_top1_by_epoch": [float(x) for x in history.get("metrics/accuracy_top1", [])],
+        "train_seconds": round(train_s, 2),
+        "imgsz": cfg.imgsz,
+        "base_weights": cfg.weights,
+        "threads": threads,
+    }

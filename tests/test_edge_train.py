@@ -1,0 +1,117 @@
+"""Supervised edge: the ImageFolder built from SFT JSONL, training through Ultralytics, and inference."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from saec.artifacts.schemas import SCHEMAS
+from saec.artifacts.store import read_table
+from saec.tasks.edge.config import EdgeConfig
+from saec.tasks.edge.model import load_classifier
+from saec.tasks.edge.predict import predict_edge
+from saec.tasks.edge.train import build_imagefolder, read_sft_jsonl, train_edge
+
+
+def _write_set(root: Path, n_good: int, n_defect: int, seed: int) -> list[dict]:
+    """Grey textures; a defect is a bright disc. Returns SFT records."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n_good + n_defect):
+        label = int(i >= n_good)
+        img = rng.normal(100, 12, (48, 48)).clip(0, 255)
+        if label:
+            cy, cx = rng.integers(10, 38, 2)
+            yy, xx = np.mgrid[:48, :48]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 240
+        path = root / f"{seed}-{i:03d}.png"
+        Image.fromarray(img.astype(np.uint8)).convert("RGB").save(path)
+        image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+        records.append({"image_id": image_id, "image": str(path), "label": label, "category": "toy",
+                        "defect_type": "disc" if label else "good", "messages": []})
+    return records
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sft")
+    (root / "img").mkdir()
+    return {
+        "train": _jsonl(root / "sft_train.jsonl", _write_set(root / "img", 16, 8, seed=1)),
+        "val": _jsonl(root / "sft_val.jsonl", _write_set(root / "img", 6, 6, seed=2)),
+        "holdout": _jsonl(root / "holdout.jsonl", _write_set(root / "img", 6, 6, seed=3)),
+    }
+
+
+def test_imagefolder_layout_and_balancing(sft, tmp_path):
+    train, val = read_sft_jsonl(sft["train"]), read_sft_jsonl(sft["val"])
+    counts = build_imagefolder(train, val, tmp_path / "if")
+    assert counts["train"] == {"good": 16, "defect": 8, "good_oversampled": 0, "defect_oversampled": 8}
+    assert counts["val"] == {"good": 6, "defect": 6}
+    defects = sorted((tmp_path / "if" / "train" / "defect").iterdir())
+    assert len(defects) == 16 and all(p.is_symlink() for p in defects)
+    # every defect image appears exactly twice, each link resolves to a labelled defect file
+    targets = pd.Series([str(p.resolve()) for p in defects]).value_counts()
+    assert (targets == 2).all() and set(targets.index) == set(train[train.label == 1].path)
+    assert {p.name for p in (tmp_path / "if" / "val" / "good").iterdir()} == {
+        f"{i}.png" for i in val[val.label == 0].image_id
+    }
+    unbalanced = build_imagefolder(train, val, tmp_path / "if2", balance=False)
+    assert unbalanced["train"] == {"good": 16, "defect": 8}
+
+
+def test_imagefolder_refuses_bad_splits(sft, tmp_path):
+    train, val = read_sft_jsonl(sft["train"]), read_sft_jsonl(sft["val"])
+    with pytest.raises(ValueError, match="in both the SFT train and val"):
+        build_imagefolder(train, pd.concat([val, train.iloc[:1]]), tmp_path / "a")
+    with pytest.raises(ValueError, match="no 'defect' images"):
+        build_imagefolder(train[train.label == 0], val, tmp_path / "b")
+    gone = train.copy()
+    gone.loc[0, "path"] = str(tmp_path / "nowhere.png")
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        build_imagefolder(gone, val, tmp_path / "c")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_sft_jsonl(bad)
+    with pytest.raises(ValueError, match="supervised"):
+        train_edge(EdgeConfig(mode="imagenet_rule"), sft["train"], sft["val"], tmp_path / "w", tmp_path / "o")
+
+
+def test_train_then_predict_supervised(sft, tmp_path):
+    cfg = EdgeConfig(mode="supervised", imgsz=32, batch_size=5, progress=False,
+                     train={"epochs": 2, "batch": 8, "auto_augment": None})
+    info = train_edge(cfg, sft["train"], sft["val"], tmp_path / "work", tmp_path / "out")
+    best = Path(info["best"])
+    assert best == (tmp_path / "out" / "best.pt").resolve() and best.is_file()
+    assert sorted(info["names"].values()) == ["defect", "good"] and info["epochs_run"] == 2
+    assert info["model_id"] == hashlib.sha256(best.read_bytes()).hexdigest()[:16]
+    assert 0.0 <= info["val_top1"] <= 1.0 and len(info["val_top1_by_epoch"]) == 2
+    loaded = load_classifier(best)
+    assert loaded.num_classes == 2
+
+    holdout = read_sft_jsonl(sft["holdout"])
+    run = predict_edge(cfg, holdout, tmp_path / "edge.parquet", tmp_path / "cache", weights=best)
+    df = read_table(tmp_path / "edge.parquet")
+    assert list(df.columns) == SCHEMAS["edge_predictions"].names and len(df) == len(holdout)
+    assert df.image_id.tolist() == holdout.image_id.tolist()
+    assert (df["mode"] == "supervised").all() and (df.model_id == info["model_id"]).all()
+    p = df.p_defect.to_numpy()
+    assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
+    assert df.verdict.tolist() == (p >= 0.5).astype(int).tolist()
+    np.testing.assert_allclose(df.smax, np.maximum(p, 1 - p), atol=1e-9)
+    np.testing.assert_allclose(df.margin, np.abs(2 * p - 1), atol=1e-9)
+    h = -(p * np.log(np.clip(p, 1e-300, 1)) + (1 - p) * np.log(np.clip(1 - p, 1e-300, 1))) / math.log(2)
+    np.testing.assert_allclose(df.entropy, h, atol=1e-9)
+    assert set(df.top1_name) <= {"good", "defect"} and run["defect_threshold"] == 0.5
