@@ -252,6 +252,7 @@ class CloudScoreConfig(_Strict):
     attn_implementation: AttnImpl = "sdpa"
     quantization: Quantization = "none"
     impl: Literal["reference", "fast"] = "fast"
+    compile_vision: bool = Field(True, description="fast path on CUDA: compile the vision blocks (about 45 s once)")
     tta: Literal["none", "five_crop"] = "none"
     explain: bool = False
     explain_max_new_tokens: int = Field(192, ge=1)

@@ -273,6 +273,13 @@ class VLMScorer:
             self.merged = True
         self.model = model.eval()
         self._base = model.get_base_model() if isinstance(model, PeftModel) else model
+        # On CUDA the fast path also swaps in batched vision-window attention and compiled vision
+        # blocks (saec.tasks.cloud.fast); `impl="reference"` keeps the plain library forward.
+        self.fast_path: dict | None = None
+        if cfg.impl == "fast" and self.device.type == "cuda" and self.family == "qwen2_5_vl":
+            from saec.tasks.cloud.fast import install_fast_path
+
+            self.fast_path = install_fast_path(self._base, compile_vision=cfg.compile_vision)
         head = self._base.get_output_embeddings()
         rows = torch.nn.Linear(head.in_features, 2, bias=head.bias is not None, device=self.device)
         with torch.no_grad():

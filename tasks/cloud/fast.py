@@ -14,9 +14,10 @@ classes, so other models in the process keep the library's code):
   - 3-D rotary position ids: the library builds them with a Python loop over the rows of the
     batch; rows with identical tokens, mask and image grid (every row of a scoring batch of
     same-size images) get the first row's result broadcast instead;
-  - optionally (`compile_mlp=True`), RMSNorm + SwiGLU MLP + residual of every vision block as
-    one `torch.compile`d function shared by all blocks (weights are arguments, so it compiles
-    once per input shape).
+  - optionally (`compile_vision=True`), the element-wise work of every vision block fused by
+    `torch.compile`: the first RMSNorm, the float32 rotary embedding of queries and keys, and
+    RMSNorm + SwiGLU MLP + residual. Each is one compiled function shared by all blocks
+    (weights are arguments), so it compiles once per input shape, not once per block.
 
 The numerics are the library's up to bf16 rounding order: the same rotary embedding (in
 float32), the same softmax scale, the same norms. LLaVA models are returned untouched, with the
@@ -185,11 +186,19 @@ def _residual_mlp(h, norm_w, eps: float, gw, gb, uw, ub, dw, db):
     return h + F.linear(F.silu(F.linear(x, gw, gb)) * F.linear(x, uw, ub), dw, db)
 
 
-def _make_block_forward(fused_mlp):
+def _rms_norm(h, weight, eps: float):
+    """RMSNorm in float32, as the library computes it."""
+    import torch
+
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _make_block_forward(fused_mlp, fused_norm):
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-        h = hidden_states + self.attn(
-            self.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
-        )
+        x = fused_norm(hidden_states, self.norm1.weight, float(self.norm1.variance_epsilon))
+        h = hidden_states + self.attn(x, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
         m = self.mlp
         return fused_mlp(
             h, self.norm2.weight, float(self.norm2.variance_epsilon),
@@ -213,7 +222,7 @@ def _unwrap(model):
     return get_base() if callable(get_base) else model
 
 
-def install_fast_path(model, *, compile_mlp: bool = False, rope_broadcast: bool = True) -> dict:
+def install_fast_path(model, *, compile_vision: bool = False, rope_broadcast: bool = True) -> dict:
     """Install the faster vision attention, patch embedding and position ids on a loaded model.
 
     Works on a Qwen2.5-VL model (plain, or under a PEFT wrapper, or with 4-bit language weights:
@@ -242,6 +251,20 @@ def install_fast_path(model, *, compile_mlp: bool = False, rope_broadcast: bool 
     if rotary is None:
         raise FastPathError(f"{module.__name__} has no apply_rotary_pos_emb_vision")
 
+    if compile_vision:
+        import torch
+
+        mlp0 = visual.blocks[0].mlp
+        act = getattr(getattr(visual, "config", None), "hidden_act", "silu")
+        if act != "silu" or not all(hasattr(mlp0, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise FastPathError(f"compile_vision needs a SwiGLU (silu) vision MLP, found {type(mlp0).__name__} / {act}")
+        if not hasattr(visual.blocks[0].norm1, "variance_epsilon"):
+            raise FastPathError("compile_vision needs RMSNorm vision norms")
+        for name, fn in (("residual_mlp", _residual_mlp), ("rms_norm", _rms_norm), ("rotary", rotary)):
+            if name not in _COMPILED:
+                _COMPILED[name] = torch.compile(fn, dynamic=None)
+        rotary = _COMPILED["rotary"]
+
     cache = _PlanCache()
     attn_forward = _make_vision_attention_forward(rotary, cache)
     for blk in visual.blocks:
@@ -262,20 +285,11 @@ def install_fast_path(model, *, compile_mlp: bool = False, rope_broadcast: bool 
     elif rope_broadcast:
         record["skipped"]["rope_index_broadcast"] = "model has no get_rope_index"
 
-    if compile_mlp:
-        import torch
-
-        mlp0 = visual.blocks[0].mlp
-        act = getattr(getattr(visual, "config", None), "hidden_act", "silu")
-        if act != "silu" or not all(hasattr(mlp0, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            raise FastPathError(f"compile_mlp needs a SwiGLU (silu) vision MLP, found {type(mlp0).__name__} / {act}")
-        fused = _COMPILED.get("residual_mlp")
-        if fused is None:
-            fused = _COMPILED["residual_mlp"] = torch.compile(_residual_mlp, dynamic=None)
-        block_forward = _make_block_forward(fused)
+    if compile_vision:
+        block_forward = _make_block_forward(_COMPILED["residual_mlp"], _COMPILED["rms_norm"])
         for blk in visual.blocks:
             blk.forward = types.MethodType(block_forward, blk)
-        record["installed"].append("vision_norm_mlp_compiled")
+        record["installed"].append("vision_norm_rotary_mlp_compiled")
 
     record["stats"] = stats
     record["plan_cache"] = cache
