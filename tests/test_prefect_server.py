@@ -79,7 +79,7 @@ def test_stage_parameters_survive_the_wire_with_the_same_cache_key(tmp_path):
     images = Store(tmp_path).build_stage("quota", "k1", lambda out: ({"m": _write(out / "m.txt", "x")}, {"n": 1}))
     params = dict(store=str(tmp_path), images=images, table="cloud_manifest",
                   model=ModelRef(kind="vlm", path="/m", sha256="a" * 64), adapter=None,
-                  cfg=cfg.cloud.score_config("/m", threshold=0.4), telemetry=cfg.telemetry, label="saec")  # fmt: skip
+                  cfg=cfg.cloud.score_config("/m").model_copy(update={"threshold": 0.4}), telemetry=cfg.telemetry, label="saec")  # fmt: skip
     wire = json.loads(json.dumps(encode_params(score_cloud, params)))
     back = decode_params(score_cloud, wire)
     assert type(back["images"]).__name__ == "StageResult" and back["images"].digest() == images.digest()
