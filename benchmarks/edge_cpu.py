@@ -148,7 +148,8 @@ def run_ours(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="yolo11s-cls.yaml", help=".pt checkpoint, or a .yaml built with seeded weights")
+    ap.add_argument("--weights", default="yolo11s-cls.yaml",
+                    help=".pt checkpoint, or a .yaml built with seeded random weights")
     ap.add_argument("--images", type=Path, default=None, help="folder of images (default: synthetic MVTec layout)")
     ap.add_argument("--n", type=int, default=160)
     ap.add_argument("--imgsz", type=int, nargs="+", default=[224, 448])
@@ -166,8 +167,8 @@ def main() -> None:
     weights = Path(args.weights) if args.weights.endswith(".pt") else seeded_checkpoint(args.weights, work)
     sizes = sorted({image_size(p) for p in files[:50]})
     console = Console(width=160)
-    console.print(f"{len(files)} images ({', '.join(sizes[:4])}{' ...' if len(sizes) > 4 else ''}), weights {weights.name}, "
-                  f"{cores} cores, load {loadavg()}")
+    shown = ", ".join(sizes[:4]) + (" ..." if len(sizes) > 4 else "")
+    console.print(f"{len(files)} images ({shown}), weights {weights.name}, {cores} cores, load {loadavg()}")
 
     import onnxruntime
     import ultralytics as ul_pkg
@@ -195,7 +196,8 @@ def main() -> None:
         "images": {"n": len(files), "source": str(args.images) if args.images else "synthetic MVTec-layout PNGs",
                    "sizes": sizes[:10]},
         "baseline": "YOLO(weights) then .predict(file, imgsz, device='cpu') one file at a time + measures + rule",
-        "ours": "saec.tasks.edge.predict_edge: model load, threaded decode/preprocess, batched ONNX Runtime, Parquet out",
+        "ours": "saec.tasks.edge.predict_edge: model load, threaded decode/preprocess, batched ONNX Runtime, "
+                "Parquet out",
         "timing": "both timed from loading the checkpoint to the last verdict, after one warm-up of each on 4 images; "
                   "the one-time ONNX export (cached by weights hash and imgsz) is reported separately",
         "int8": "precision=int8: ONNX Runtime static per-channel QDQ quantization calibrated on 32 of the images; "

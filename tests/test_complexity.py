@@ -101,7 +101,8 @@ def test_invariants_flat_low_noise_high(tmp_path):
     assert flat.H == 0.0 and flat.E == 0.0 and flat.L == 0.0 and flat.G == 0.0
     assert flat.complexity < 0.01
     assert df.complexity.idxmax() == "noise"
-    assert df.loc["flat"].complexity < df.loc["ramp"].complexity < df.loc["texture"].complexity < df.loc["noise"].complexity
+    c = df.complexity
+    assert c["flat"] < c["ramp"] < c["texture"] < c["noise"]
     assert df.loc["noise"].H > 0.99
 
 

@@ -96,6 +96,10 @@ def test_train_then_predict_supervised(sft, tmp_path):
     best = Path(info["best"])
     assert best == (tmp_path / "out" / "best.pt").resolve() and best.is_file()
     assert sorted(info["names"].values()) == ["defect", "good"] and info["epochs_run"] == 2
+    # the last epoch's weights by default (the val split may share images with the evaluation set)
+    assert info["checkpoint"] == "last"
+    assert best.read_bytes() == (tmp_path / "work" / "run" / "weights" / "last.pt").read_bytes()
+    assert info["val_top1"] == info["val_top1_by_epoch"][-1]
     assert info["model_id"] == hashlib.sha256(best.read_bytes()).hexdigest()[:16]
     assert 0.0 <= info["val_top1"] <= 1.0 and len(info["val_top1_by_epoch"]) == 2
     loaded = load_classifier(best)

@@ -12,7 +12,7 @@ from saec.tasks.edge.measures import (
     softmax_measures,
     thresholds_from_measures,
 )
-from saec.tasks.edge.model import EdgeModel, EdgeModelError, load_classifier, model_id_of, onnx_for
+from saec.tasks.edge.model import EdgeModel, EdgeModelError, int8_onnx_for, load_classifier, model_id_of, onnx_for
 from saec.tasks.edge.predict import calibrate_thresholds, predict_edge, run_edge
 from saec.tasks.edge.train import build_imagefolder, read_sft_jsonl, train_edge
 
@@ -25,6 +25,7 @@ __all__ = [
     "Thresholds",
     "build_imagefolder",
     "calibrate_thresholds",
+    "int8_onnx_for",
     "load_classifier",
     "model_id_of",
     "onnx_for",

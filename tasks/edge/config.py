@@ -119,6 +119,11 @@ class EdgeTrainConfig(BaseModel):
     seed: int = 0
     cache: Literal[False, "ram", "disk"] = False
     balance_classes: bool = True
+    checkpoint: Literal["last", "best"] = Field(
+        "last",
+        description="which of Ultralytics' checkpoints becomes the edge model; 'best' is chosen on the SFT val "
+        "split, which in this pipeline holds the same test/ images as the MVTec holdout",
+    )
     scale: float = Field(0.0, ge=0.0, le=1.0)
     erasing: float = Field(0.0, ge=0.0, le=1.0)
     fliplr: float = Field(0.0, ge=0.0, le=1.0)
@@ -138,7 +143,7 @@ class EdgeTrainConfig(BaseModel):
         return value
 
     def ultralytics_args(self) -> dict[str, Any]:
-        args = self.model_dump(exclude={"extra", "lr0", "balance_classes"})
+        args = self.model_dump(exclude={"extra", "lr0", "balance_classes", "checkpoint"})
         if self.lr0 is not None:
             args["lr0"] = self.lr0
         return args | self.extra

@@ -245,7 +245,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def verify_onnx(model: LoadedModel, onnx_path: Path, imgsz: int, threads: int, n: int = 3, seed: int = 0) -> dict[str, float]:
+def verify_onnx(
+    model: LoadedModel, onnx_path: Path, imgsz: int, threads: int, n: int = 3, seed: int = 0
+) -> dict[str, float]:
     """ONNX Runtime against PyTorch on a seeded batch of smooth random images.
 
     Returns the max |logit difference|, the largest |logit| and the max |probability
@@ -253,14 +255,10 @@ def verify_onnx(model: LoadedModel, onnx_path: Path, imgsz: int, threads: int, n
     relative to their size, not to an absolute number.
     """
     rng = np.random.default_rng(seed)
-    coarse = rng.random((n, 3, max(imgsz // 16, 2), max(imgsz // 16, 2)), dtype=np.float32)
-    batch = np.clip(
-        coarse.repeat(16, axis=2).repeat(16, axis=3)[:, :, :imgsz, :imgsz]
-        + 0.1 * rng.standard_normal((n, 3, imgsz, imgsz), dtype=np.float32),
-        0.0,
-        1.0,
-    )
-    batch = np.ascontiguousarray(np.pad(batch, ((0, 0), (0, 0), (0, imgsz - batch.shape[2]), (0, imgsz - batch.shape[3]))))
+    cells = -(-imgsz // 16)  # 16-pixel blocks of random colour, plus pixel noise
+    coarse = rng.random((n, 3, cells, cells), dtype=np.float32).repeat(16, axis=2).repeat(16, axis=3)
+    noise = 0.1 * rng.standard_normal((n, 3, imgsz, imgsz), dtype=np.float32)
+    batch = np.ascontiguousarray(np.clip(coarse[:, :, :imgsz, :imgsz] + noise, 0.0, 1.0))
     ort_logits = OrtRunner(onnx_path, threads)(batch)
     torch_logits = TorchRunner(model, threads)(batch)
     return {

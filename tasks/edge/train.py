@@ -103,8 +103,10 @@ def train_edge(
 
     From the config's .yaml the model starts from seeded random weights (the embedded
     default); from a .pt checkpoint it is fine-tuned (Ultralytics replaces its head with a
-    two-class one). Returns the best checkpoint's path, model id, class names, validation
-    top-1 accuracy and timings.
+    two-class one). out_dir/best.pt is the checkpoint `cfg.train.checkpoint` names: by
+    default the last epoch's, because the SFT val split Ultralytics would select on holds
+    the same images as the MVTec holdout. Returns its path, model id, class names,
+    validation top-1 accuracy per epoch and timings.
     """
     if cfg.mode != "supervised":
         raise ValueError(f"train_edge is for edge.mode=supervised, not {cfg.mode!r}")
@@ -142,16 +144,17 @@ def train_edge(
             **{k: v for k, v in t.ultralytics_args().items() if k not in ("epochs", "batch", "workers", "seed")},
         )
     except Exception as exc:  # noqa: BLE001 - name the stage and the data it failed on
-        raise EdgeModelError(f"edge training failed on {work_dir / 'imagefolder'}: {type(exc).__name__}: {exc}") from exc
+        folder = work_dir / "imagefolder"
+        raise EdgeModelError(f"edge training failed on {folder}: {type(exc).__name__}: {exc}") from exc
     train_s = time.perf_counter() - t0
 
     run_dir = Path(yolo.trainer.save_dir)
-    best = run_dir / "weights" / "best.pt"
-    if not best.is_file():
-        raise EdgeModelError(f"Ultralytics finished without writing {best}")
+    chosen = run_dir / "weights" / f"{t.checkpoint}.pt"
+    if not chosen.is_file():
+        raise EdgeModelError(f"Ultralytics finished without writing {chosen}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "best.pt") as tmp:
-        shutil.copyfile(best, tmp)
+        shutil.copyfile(chosen, tmp)
     results_csv = run_dir / "results.csv"
     if results_csv.is_file():
         with atomic_path(out_dir / "train_results.csv") as tmp:
@@ -160,6 +163,11 @@ def train_edge(
     defect_index(loaded.names)
     history = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
     history.columns = [c.strip() for c in history.columns]
+    by_epoch = [float(x) for x in history.get("metrics/accuracy_top1", [])]
+    if t.checkpoint == "best":
+        val_top1 = float(getattr(metrics, "top1", float("nan"))) if metrics is not None else None
+    else:
+        val_top1 = by_epoch[-1] if by_epoch else None
     return {
         "best": str((out_dir / "best.pt").resolve()),
         "results_csv": str((out_dir / "train_results.csv").resolve()) if results_csv.is_file() else None,
@@ -167,8 +175,9 @@ def train_edge(
         "names": {str(k): v for k, v in loaded.names.items()},
         "counts": counts,
         "epochs_run": int(len(history)),
-        "val_top1": float(getattr(metrics, "top1", float("nan"))) if metrics is not None else None,
-        "val_top1_by_epoch": [float(x) for x in history.get("metrics/accuracy_top1", [])],
+        "checkpoint": t.checkpoint,
+        "val_top1": val_top1,
+        "val_top1_by_epoch": by_epoch,
         "train_seconds": round(train_s, 2),
         "imgsz": cfg.imgsz,
         "base_weights": cfg.weights,
