@@ -21,6 +21,31 @@ configure_offline()
 SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_MODELS = SHARED / "models"
 
+# A pipeline small enough for a test: two categories, a few images, one epoch, two cloud steps.
+SMALL_PIPELINE = [
+    "data.synthetic.categories=[carpet, capsule]",
+    "data.synthetic.n_train_good=8",
+    "data.synthetic.n_test_good=6",
+    "data.synthetic.n_test_defect_per_type=2",
+    "data.synthetic.ksdd2_n_train=12",
+    "data.synthetic.ksdd2_n_test=8",
+    "edge.train.epochs=1",
+    "cloud.train.max_steps=2",
+    "cloud.train.epochs=1",
+    "evaluate.datasets=[mvtec_holdout]",
+]
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Model tests run with two intra-op threads, as on the 2-core CI machine, whatever the host."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
 
 @pytest.fixture(scope="session")
 def prefect_server():

@@ -54,11 +54,8 @@ PROCESSOR_FILES = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 def index_names(folder: Path) -> set[str]:

@@ -23,11 +23,8 @@ from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -42,11 +42,8 @@ VISION = dict(depth=2, fullatt_block_indexes=[1], out_hidden_size=256, hidden_si
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 def _loaded():

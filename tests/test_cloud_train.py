@@ -37,11 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

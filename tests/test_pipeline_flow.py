@@ -15,18 +15,7 @@ from saec.config import load_config
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "data.synthetic.categories=[carpet, capsule]",
-    "data.synthetic.n_train_good=8",
-    "data.synthetic.n_test_good=6",
-    "data.synthetic.n_test_defect_per_type=2",
-    "data.synthetic.ksdd2_n_train=12",
-    "data.synthetic.ksdd2_n_test=8",
-    "edge.train.epochs=1",
-    "cloud.train.max_steps=2",
-    "cloud.train.epochs=1",
-    "evaluate.datasets=[mvtec_holdout]",
-]
+from conftest import SMALL_PIPELINE as SMALL  # noqa: E402
 
 
 def _states(out) -> dict[str, str]:

@@ -36,19 +36,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "data.synthetic.categories=[carpet, capsule]",
-    "data.synthetic.n_train_good=8",
-    "data.synthetic.n_test_good=6",
-    "data.synthetic.n_test_defect_per_type=2",
-    "data.synthetic.ksdd2_n_train=12",
-    "data.synthetic.ksdd2_n_test=8",
-    "edge.train.epochs=1",
-    "cloud.train.max_steps=2",
-    "cloud.train.epochs=1",
-    "evaluate.datasets=[mvtec_holdout]",
-    "evaluate.systems=[saec]",
-]
+from conftest import SMALL_PIPELINE as SMALL  # noqa: E402
 RUN_DEADLINE_S = 420  # one flow run, start to end, on a busy two-core machine
 FAST_REMOTE = {"poll_interval_s": 1.0, "start_timeout_s": 240}
 
