@@ -189,3 +189,36 @@ def measure(fn, cfg: TelemetryConfig | None = None):
         wall = time.perf_counter() - t0
         samples = sampler.stop()
     return value, summarize(samples, sampler.sources) | {"wall_s": wall}, samples
+
+
+def measured_stage(out: Path, name: str, schema: str, n_images: int, compute, cfg: TelemetryConfig, label: str = ""):
+    """A model stage's outputs and info: `compute()` writes out/<name>.parquet under telemetry.
+
+    With no image to process nothing runs and nothing is measured: an empty table of
+    `schema` is written. Returns ({output name: file}, info) for `Store.build_stage`.
+    """
+    from saec.artifacts.schemas import empty_table
+    from saec.artifacts.store import write_table
+
+    target = out / f"{name}.parquet"
+    if n_images == 0:
+        write_table(empty_table(schema), schema, target)
+        return {name: target}, {"images": 0, "seconds": 0.0, "label": label}
+    info, summary, samples = measure(compute, cfg)
+    write_table(samples, "telemetry", out / "telemetry.parquet")
+    files = {name: target, "telemetry": out / "telemetry.parquet"}
+    return files, {"images": n_images, "seconds": summary["wall_s"], "telemetry": summary, "label": label,
+                   "run": jsonable(info)}  # fmt: skip
+
+
+def jsonable(obj):
+    """Plain JSON types for a stage record: numpy scalars to Python, paths and the rest to text."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 
-from saec.artifacts.schemas import empty_table
-from saec.artifacts.store import StageResult, write_json_atomic, write_table
+from saec.artifacts.store import StageResult, write_json_atomic
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
 from saec.tasks.stage import STAGE_TASK, ModelRef, run_stage, stage_cache_key
-from saec.tasks.telemetry import TelemetryConfig, measure
+from saec.tasks.telemetry import TelemetryConfig, jsonable, measured_stage
 
 ENGINE = ["saec.tasks.cloud.engine", "saec.tasks.cloud.models", "saec.tasks.cloud.images", "saec.tasks.cloud.config"]
 TRAIN = [*ENGINE, "saec.tasks.cloud.train"]
@@ -68,7 +66,7 @@ def train_cloud(store: str, sft: StageResult, base: ModelRef, cfg: CloudTrainCon
         log = out / "train_log.parquet"
         files = {"train_log": log} if log.exists() else {}
         files["summary"] = write_json_atomic(out / "train_summary.json", info)
-        return files, _jsonable(info)
+        return files, jsonable(info)
 
     return run_stage(store, "train_cloud", TRAIN, dict(sft=sft, base=base, cfg=cfg), build, work_dir=True)
 
@@ -126,30 +124,13 @@ def score_cloud(
     def build(out: Path):
         manifest = images.table(table)
         run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
-        if len(manifest) == 0:  # nothing routed here: no model is loaded, nothing is measured
-            ref = write_table(empty_table("cloud_scores"), "cloud_scores", out / "scores.parquet")
-            return {"scores": Path(ref.path)}, {"images": 0, "seconds": 0.0, "label": label}
-        info, summary, samples = measure(lambda: _scorer(run_cfg.model_dump_json()).score_manifest(manifest, out / "scores.parquet"), telemetry)
-        write_table(samples, "telemetry", out / "telemetry.parquet")
-        files = {"scores": out / "scores.parquet", "telemetry": out / "telemetry.parquet"}
-        return files, {"images": len(manifest), "seconds": summary["wall_s"], "telemetry": summary, "label": label,
-                       "run": _jsonable(info)}  # fmt: skip
+
+        def compute():  # no model is loaded when nothing was routed here
+            return _scorer(run_cfg.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
+
+        return measured_stage(out, "scores", "cloud_scores", len(manifest), compute, telemetry, label)
 
     return run_stage(
         store, "score_cloud", ENGINE,
         dict(images=images, table=table, model=model, adapter=adapter, cfg=cfg), build,
     )  # fmt: skip
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
