@@ -208,9 +208,10 @@ def runs_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def synth(out: Annotated[Path, typer.Argument(help="folder to write mvtec_ad/ and ksdd2/ into")], seed: int = 2025) -> None:
     """Write the synthetic datasets to a folder, to look at or to use as `data.source=folders`."""
-    from saec.datasets.synthetic import SyntheticConfig, generate_all
+    from saec.config import DataConfig
+    from saec.datasets.synthetic import generate_all
 
-    counts = generate_all(out, SyntheticConfig(seed=seed))
+    counts = generate_all(out, DataConfig().synthetic.model_copy(update={"seed": seed}))  # the embedded default's data
     console.print(counts)
 
 
