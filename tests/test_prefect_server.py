@@ -36,7 +36,9 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from conftest import SMALL_PIPELINE as SMALL  # noqa: E402
+from conftest import SMALL_PIPELINE  # noqa: E402
+
+SMALL = [*SMALL_PIPELINE, "evaluate.systems=[saec]"]
 RUN_DEADLINE_S = 420  # one flow run, start to end, on a busy two-core machine
 FAST_REMOTE = {"poll_interval_s": 1.0, "start_timeout_s": 240}
 
