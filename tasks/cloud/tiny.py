@@ -15,11 +15,10 @@ Weights are random (seeded): the model learns everything it knows from the SFT d
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from saec.artifacts.store import atomic_dir
 from saec.tasks.cloud.config import TinyModelConfig
 
 # Qwen's special tokens, in Qwen's order; the processor and chat template need the vision ones.
@@ -235,8 +234,7 @@ def build_tiny_qwen(out_dir: Path, cfg: TinyModelConfig | None = None) -> Path:
     cfg = cfg or TinyModelConfig()
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         n_bpe = _train_tokenizer(cfg, tmp)
         ids = {tok: n_bpe + i for i, tok in enumerate(SPECIAL_TOKENS)}
         n_tokens = n_bpe + len(SPECIAL_TOKENS)
@@ -277,10 +275,4 @@ def build_tiny_qwen(out_dir: Path, cfg: TinyModelConfig | None = None) -> Path:
                 "visual_tokens_per_image": (cfg.image_size // (cfg.patch_size * cfg.spatial_merge_size)) ** 2,
             },
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -23,15 +23,14 @@ is padded to a multiple of 64 (the real 32064). Weights are random (seeded).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from saec.artifacts.store import atomic_dir
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
@@ -432,8 +431,7 @@ def build_tiny_llava(out_dir: Path, cfg: TinyLlavaConfig | None = None) -> Path:
     cfg = cfg or TinyLlavaConfig()
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         vocab, merges = _learn_pieces(cfg)
         tokenizer = _build_tokenizer(vocab, merges)
         n_base = len(vocab)
@@ -477,10 +475,4 @@ def build_tiny_llava(out_dir: Path, cfg: TinyLlavaConfig | None = None) -> Path:
                 "visual_tokens_per_image": cfg.image_tokens_per_image,
             },
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
