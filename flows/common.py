@@ -127,6 +127,15 @@ def submit_stage(task: Task, wait_for: list | None = None, **params: Any) -> Any
 
 
 # --- recording stages in the run folder ------------------------------------------------------------
+def start_run(cfg, flow: str) -> RunFolder:
+    """A new run folder in the configured store, carrying the run's injected faults."""
+    from saec.artifacts.store import Store
+
+    run = Store(cfg.store.root).new_run(flow)
+    run.record["fail_before"] = list(cfg.faults.fail_before)
+    return run
+
+
 def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
     """Run a cached stage task and record in the run folder whether it ran or hit the cache.
 

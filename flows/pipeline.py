@@ -5,7 +5,7 @@ from prefect import flow
 
 from saec.artifacts.store import Store
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage
+from saec.flows.common import call_stage, start_run
 from saec.flows.evaluate import Models, evaluate_flow
 from saec.flows.prepare import prepare_stages
 from saec.tasks.cloud.task import adapter_ref, model_of, model_ref, tiny_llava_task, tiny_vlm_task, train_cloud
@@ -41,8 +41,7 @@ def build_models(cfg: PipelineConfig, run, sft) -> Models:
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> dict:
     """The whole SAEC pipeline; returns the report stage of each evaluation set."""
-    run = Store(cfg.store.root).new_run("pipeline")
-    run.record["fail_before"] = list(cfg.faults.fail_before)
+    run = start_run(cfg, "pipeline")
     try:
         prepared = prepare_stages(cfg, run)
         if "sft" not in prepared:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from saec.artifacts.store import RunFolder, Store
+from saec.artifacts.store import RunFolder
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage
+from saec.flows.common import call_stage, start_run
 from saec.tasks.data import fingerprint, holdout_task, ksdd2_task, leakage_task, scan_ksdd2, scan_mvtec
 from saec.tasks.sft import sft_task
 from saec.tasks.synth import synth_task
@@ -41,8 +41,7 @@ def prepare_stages(cfg: PipelineConfig, run: RunFolder) -> dict:
 @flow(name="prepare", log_prints=True)
 def prepare_flow(cfg: PipelineConfig) -> dict:
     """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set, and check leakage."""
-    run = Store(cfg.store.root).new_run("prepare")
-    run.record["fail_before"] = list(cfg.faults.fail_before)
+    run = start_run(cfg, "prepare")
     try:
         out = prepare_stages(cfg, run)
     except BaseException as exc:

@@ -25,7 +25,7 @@ configure_offline()
 
 from saec.artifacts.store import RunFolder, StageResult, Store, write_table  # noqa: E402
 from saec.config import PipelineConfig  # noqa: E402
-from saec.flows.common import cached_result, placed  # noqa: E402
+from saec.flows.common import cached_result, placed, start_run  # noqa: E402
 from saec.flows.evaluate import evaluate_flow  # noqa: E402
 from saec.flows.pipeline import EVAL_SETS, build_models  # noqa: E402
 from saec.flows.prepare import prepare_stages  # noqa: E402
@@ -117,8 +117,8 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
     store = Store(cfg.store.root)
     source = model_source(store, models_from)
     sft = _stage_of(source.record["stages"]["sft"])
-    run = store.new_run("reevaluate")
-    run.record.update(fail_before=list(cfg.faults.fail_before), models_from=source.run_id, deployment=deployment)
+    run = start_run(cfg, "reevaluate")
+    run.record.update(models_from=source.run_id, deployment=deployment)
     try:
         prepared = prepare_stages(cfg, run)
         if "holdout" in prepared:  # the models must never have trained on an image they are evaluated on

@@ -109,3 +109,12 @@ def mvtec_tree(tmp_path) -> Path:
 @pytest.fixture
 def ksdd2_tree(tmp_path) -> Path:
     return make_ksdd2(tmp_path / "ksdd2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The embedded default cloud model folder (tiny Qwen2.5-VL, random weights)."""
+    from saec.tasks.cloud.config import TinyModelConfig
+    from saec.tasks.cloud.tiny import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig())

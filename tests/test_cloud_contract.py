@@ -54,7 +54,7 @@ PROCESSOR_FILES = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads(two_torch_threads):
+def _threads(two_torch_threads):  # every test of this module runs with two torch threads
     yield
 
 

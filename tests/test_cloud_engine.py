@@ -23,13 +23,8 @@ from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads(two_torch_threads):
+def _threads(two_torch_threads):  # every test of this module runs with two torch threads
     yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig())
 
 
 @pytest.fixture(scope="module")

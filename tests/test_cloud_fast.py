@@ -42,7 +42,7 @@ VISION = dict(depth=2, fullatt_block_indexes=[1], out_hidden_size=256, hidden_si
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads(two_torch_threads):
+def _threads(two_torch_threads):  # every test of this module runs with two torch threads
     yield
 
 

@@ -37,13 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads(two_torch_threads):
+def _threads(two_torch_threads):  # every test of this module runs with two torch threads
     yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig())
 
 
 def write_sft(folder: Path, n: int, seed: int = 0) -> Path:
