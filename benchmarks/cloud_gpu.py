@@ -7,13 +7,16 @@ run on one machine:
   scoring, Qwen2.5-VL-7B, at 448 and 512 px, per batch size:
     plain    the seed's way: decode + resize + processor in the loop, then the plain Hugging Face
              forward (full-vocabulary logits), P(defect) from the two label columns;
-    engine   `VLMScorer` (threaded decode, prefetched batches, two output rows only);
-    fast     the same engine with `install_fast_path` (batched vision windows, patch embedding
-             as one matmul, broadcast rotary ids); `fast+compile` (with --compile) also fuses the
-             vision blocks' norms, rotary embedding and MLP with torch.compile.
+    fast     `VLMScorer` (threaded decode, prefetched batches, two output rows only) with the
+             uncompiled fast path (batched vision windows, patch embedding as one matmul,
+             broadcast rotary ids), the processor preparing every batch;
+    fast+compile  the engine's defaults: compiled vision blocks and decoder layers (the last
+             layer at the scored position only), token ids built once per image size and
+             uint8 pixels normalised and cut into patches on the GPU.
     Per row: images/s end to end, FLOPs per image (counted on the real shapes), fraction of the
     physical limit (FLOPs/image over the matmul rate), peak GPU memory; and for one batch size
-    the split of the time: CPU preparation alone, GPU compute alone, vision tower alone.
+    the split of the time: CPU preparation alone, GPU forward alone, vision tower alone,
+    language model alone, device-side input preparation alone.
   P(defect) max |fast - plain| on the same files.
   LLaVA-1.5-7B through the same engine.
   training, Qwen2.5-VL-7B, 448 px: a plain Hugging Face LoRA loop (bf16 base, labels loss,
@@ -67,7 +70,7 @@ from saec.tasks.cloud.engine import (  # noqa: E402
     label_logits_fast,
     to_device,
 )
-from saec.tasks.cloud.fast import build_random_vlm, install_fast_path, uninstall_fast_path  # noqa: E402
+from saec.tasks.cloud.fast import build_random_vlm, install_fast_path  # noqa: E402
 from saec.tasks.cloud.images import load_rgb  # noqa: E402
 
 MATMUL_TFLOPS = 786.0  # measured bf16 8192^3 matmul on one H200 (design notes); re-measured below on CUDA
@@ -207,10 +210,29 @@ def plain_score(loaded, spec, paths: list[str], batch_size: int, resize: int) ->
     return np.concatenate(out)
 
 
-def engine_scorer(loaded, folder: Path, batch_size: int, resize: int, workers: int) -> VLMScorer:
+VARIANTS = {  # CloudScoreConfig options of the engine's variants
+    "fast": dict(compile_vision=False, compile_language=False, prepare_on_device=False),
+    "fast+compile": dict(compile_vision=True, compile_language=True, prepare_on_device=True),
+    "engine": {},  # the engine's defaults (for LLaVA, which has no fast path)
+}
+
+
+def engine_scorer(loaded, folder: Path, batch_size: int, resize: int, workers: int, variant: str = "fast",
+                  ) -> VLMScorer:
     cfg = CloudScoreConfig(model=str(folder), impl="fast", resize=resize, batch_size=batch_size, progress=False,
-                           decode_workers=workers, prefetch_batches=3)
+                           decode_workers=workers, prefetch_batches=3, **VARIANTS[variant])
     return VLMScorer(cfg, loaded=loaded)
+
+
+def fast_path_summary(record: dict | None) -> dict | None:
+    """The JSON-friendly part of an installed fast path's record."""
+    if record is None:
+        return None
+    out = {k: record[k] for k in ("family", "installed", "skipped", "options", "vision_mlp_width") if k in record}
+    out["stats"] = dict(record.get("stats") or {})
+    if "language" in record:
+        out["language_calls"] = {k: record["language"][k] for k in ("fast_calls", "library_calls")}
+    return out
 
 
 def timed(fn, n_images: int, device) -> tuple[float, float, object]:
@@ -230,17 +252,22 @@ def score_rows(res: Results, loaded, folder: Path, paths: dict[int, list[str]], 
     ps = {}
     for size in sizes:
         for bs in batches:
-            files = paths[size][: max(args.images, 2 * bs)]
+            n_files = args.plain_images if variant == "plain" else args.images
+            files = paths[size][: max(n_files, 2 * bs)]
             try:
                 reset_peak(device)
+                extra = {}
                 if variant == "plain":
                     plain_score(loaded, spec, files[: bs * n_warm], bs, size)  # warm-up
                     ips, dt, p = timed(lambda: plain_score(loaded, spec, files, bs, size), len(files), device)
                 else:
-                    scorer = engine_scorer(loaded, folder, bs, size, args.workers)
+                    scorer = engine_scorer(loaded, folder, bs, size, args.workers, variant)
                     scorer.score(files[: bs * n_warm])  # warm-up (and compilation, where compiled)
                     ips, dt, out = timed(lambda: scorer.score(files), len(files), device)
                     p = out["p_defect"]
+                    firsts = np.unique(out["batch_index"], return_index=True)[1]
+                    extra = {"wait_for_prepared_batches_s": round(float(out["wait_seconds"][firsts].sum()), 3),
+                             "first_batch_wait_s": round(float(out["wait_seconds"][0]), 3)}
                     scorer.close()
                 ps[(size, bs)] = p
                 fl = flops.get(size)
@@ -250,7 +277,7 @@ def score_rows(res: Results, loaded, folder: Path, paths: dict[int, list[str]], 
                     "flops_per_image_T": round(fl / 1e12, 3) if fl else None,
                     "fraction_of_limit": round(ips * fl / (args.matmul_tflops * 1e12), 3) if fl else None,
                     "physical_limit_images_per_s": round(args.matmul_tflops * 1e12 / fl, 1) if fl else None,
-                    "peak_gb": peak_gb(device),
+                    "peak_gb": peak_gb(device), **extra,
                 })
             except torch.cuda.OutOfMemoryError as exc:
                 res.error(f"scoring {variant} {size}px batch {bs}", exc)
@@ -259,33 +286,65 @@ def score_rows(res: Results, loaded, folder: Path, paths: dict[int, list[str]], 
 
 
 def breakdown(res: Results, loaded, folder: Path, files: list[str], size: int, bs: int, variant: str, args) -> None:
-    """Where the time goes: CPU preparation alone, GPU forward alone, vision tower alone (one batch size)."""
+    """Where the time goes at one batch size: CPU preparation alone (decode threads, and the
+    processor where it is used), the GPU forward alone on one prepared batch, and within it the
+    vision tower and the language model; the device-side input preparation (copy, patches)."""
+    from saec.tasks.cloud.engine import last_real_index
+    from saec.tasks.cloud.fast import keep_positions
+
     device = loaded.device
-    scorer = engine_scorer(loaded, folder, bs, size, args.workers)
+    scorer = engine_scorer(loaded, folder, bs, size, args.workers, variant)
     try:
         files = files[: max(args.images, 2 * bs)]
         t = time.perf_counter()
         n = sum(len(p.paths) for p in scorer._batches(files))
         prep_ips = n / (time.perf_counter() - t)
         prepared = next(iter(scorer._batches(files[:bs])))
-        batch = to_device(prepared.batch, device, loaded.dtype)
         with torch.inference_mode():
-            label_logits_fast(scorer._base, batch, scorer._label_rows)
-            gpu_ips, _, _ = timed(lambda: [label_logits_fast(scorer._base, batch, scorer._label_rows)
+            batch = scorer.device_batch(prepared.batch)
+            dev_ips, _, _ = timed(lambda: [scorer.device_batch(prepared.batch) for _ in range(args.reps)],
+                                  bs * args.reps, device)
+            base = scorer._base
+            label_logits_fast(base, batch, scorer._label_rows)
+            gpu_ips, _, _ = timed(lambda: [label_logits_fast(base, batch, scorer._label_rows)
                                            for _ in range(args.reps)], bs * args.reps, device)
-            visual = scorer._base.model.visual
+            inner = base.model
+            visual = inner.visual
             pv, grid = batch["pixel_values"], batch["image_grid_thw"]
-            visual(pv, grid_thw=grid)
+            feats = visual(pv, grid_thw=grid)
             vis_ips, _, _ = timed(lambda: [visual(pv, grid_thw=grid) for _ in range(args.reps)], bs * args.reps, device)
+            # the language model alone: embeddings with the image features in place, 3-D positions
+            feats = getattr(feats, "pooler_output", feats)
+            ids = batch["input_ids"]
+            embeds = inner.get_input_embeddings()(ids)
+            image_rows = (ids == loaded.processor.image_token_id)[..., None]
+            embeds = embeds.masked_scatter(image_rows, feats.to(embeds.dtype))
+            pos, _ = inner.get_rope_index(ids, image_grid_thw=grid, attention_mask=batch["attention_mask"],
+                                          mm_token_type_ids=batch["mm_token_type_ids"])
+            last = last_real_index(batch["attention_mask"])[:, None]
+
+            def language() -> None:
+                with keep_positions(base, last):
+                    inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                         position_ids=pos, use_cache=False)
+
+            language()
+            lm_ips, _, _ = timed(lambda: [language() for _ in range(args.reps)], bs * args.reps, device)
         res.add("scoring_breakdown", {
             "variant": variant, "image_px": size, "batch": bs,
-            "prompt_tokens": int(batch["input_ids"].shape[1]),
-            "visual_tokens": int((batch["input_ids"][0] == loaded.processor.image_token_id).sum()),
+            "prompt_tokens": int(ids.shape[1]),
+            "visual_tokens": int((ids[0] == loaded.processor.image_token_id).sum()),
             "patches_per_image": int(pv.shape[0] // bs),
             "cpu_prepare_images_per_s": round(prep_ips, 1),
+            "device_prepare_images_per_s": round(dev_ips, 1),
             "gpu_forward_images_per_s": round(gpu_ips, 1),
+            "gpu_forward_ms_per_image": round(1e3 / gpu_ips, 2),
             "vision_tower_images_per_s": round(vis_ips, 1),
+            "vision_ms_per_image": round(1e3 / vis_ips, 2),
+            "language_model_images_per_s": round(lm_ips, 1),
+            "language_ms_per_image": round(1e3 / lm_ips, 2),
             "vision_share_of_gpu_time": round(gpu_ips / vis_ips, 3),
+            "inputs_prepared_on_device": "pixels_uint8" in prepared.batch,
         })
     finally:
         scorer.close()
@@ -296,55 +355,51 @@ def section_qwen_scoring(res: Results, args, folder: Path, paths) -> None:
                               text_overrides=SMOKE_TEXT if args.smoke else None,
                               vision_overrides=SMOKE_VISION if args.smoke else None)
     device = loaded.device
-    # FLOPs per image from the real shapes: the work that must be done (vision + decoder + two
-    # output rows), and the plain forward's (full-vocabulary logits at every position).
+    spec = build_prompt_spec(loaded.processor)
+    loaded.processor.tokenizer.padding_side = "left"
+    # FLOPs per image from the real shapes, before anything is installed: the work that must be
+    # done (vision + every decoder position + two output rows), and the plain forward's
+    # (full-vocabulary logits at every position).
     flops_min, flops_plain = {}, {}
+    head = loaded.model.get_output_embeddings()
+    rows = torch.nn.Linear(head.in_features, 2, bias=False, device=device, dtype=torch.float32)
     for size in args.sizes:
-        scorer = engine_scorer(loaded, folder, 2, size, 2)
-        prepared = next(iter(scorer._batches(paths[size][:2])))
-        batch = to_device(prepared.batch, device, loaded.dtype)
-        flops_min[size] = flops_per_image(lambda: label_logits_fast(scorer._base, batch, scorer._label_rows), 2)
+        images = [load_rgb(p, size) for p in paths[size][:2]]
+        batch = to_device(dict(add_mm_token_type_ids(
+            dict(loaded.processor(text=[spec.prefix] * 2, images=images, return_tensors="pt", padding=True)),
+            loaded.family, loaded.processor.image_token_id)), device, loaded.dtype)
+        flops_min[size] = flops_per_image(lambda: label_logits_fast(loaded.model, batch, rows), 2)
         flops_plain[size] = flops_per_image(lambda: loaded.model(**_forward_kwargs(batch), use_cache=False), 2)
         res.data.setdefault("flops", {})[f"qwen_{size}"] = {
             "needed_T": round(flops_min[size] / 1e12, 3), "plain_forward_T": round(flops_plain[size] / 1e12, 3),
             "prompt_tokens": int(batch["input_ids"].shape[1]), "physical_limit_images_per_s":
             round(args.matmul_tflops * 1e12 / flops_min[size], 1)}
-        scorer.close()
     res.write()
 
     p_plain = score_rows(res, loaded, folder, paths, args.sizes, args.plain_batches, "plain", flops_min, args, 1)
-    score_rows(res, loaded, folder, paths, args.sizes, args.plain_batches[:1], "engine", flops_min, args, 1)
-    breakdown(res, loaded, folder, paths[args.sizes[0]], args.sizes[0], args.breakdown_batch, "engine", args)
 
-    record = install_fast_path(loaded.model)
-    res.data["fast_path"] = {k: v for k, v in record.items() if k != "plan_cache"}
-    p_fast = score_rows(res, loaded, folder, paths, args.sizes, args.batches, "fast", flops_min, args, 1)
-    breakdown(res, loaded, folder, paths[args.sizes[0]], args.sizes[0], args.breakdown_batch, "fast", args)
-    for key in sorted(set(p_plain) & set(p_fast)):
-        d = np.abs(p_fast[key] - p_plain[key])
-        res.add("numerics", {"image_px": key[0], "batch": key[1], "images": int(len(d)),
-                             "p_defect_max_abs_diff_fast_vs_plain": float(d.max()),
-                             "p_defect_mean_abs_diff": float(d.mean()),
-                             "p_defect_range_plain": [float(p_plain[key].min()), float(p_plain[key].max())]})
-    res.data["fast_path"]["stats"] = dict(record["stats"])
-    res.write()
-
-    if args.compile:
+    p = {}
+    for variant in args.variants:
+        t = time.perf_counter()
         try:
-            uninstall_fast_path(loaded.model)
-            t = time.perf_counter()
-            install_fast_path(loaded.model, compile_vision=True)
-            p_comp = score_rows(res, loaded, folder, paths, args.sizes, args.compile_batches, "fast+compile",
-                                flops_min, args, 2)
-            for key in sorted(set(p_plain) & set(p_comp)):
-                res.add("numerics", {"variant": "fast+compile", "image_px": key[0], "batch": key[1],
-                                     "p_defect_max_abs_diff_fast_vs_plain": float(np.abs(p_comp[key] - p_plain[key]).max())})
-            breakdown(res, loaded, folder, paths[args.sizes[0]], args.sizes[0], args.breakdown_batch, "fast+compile",
-                      args)
-            res.data["compile_seconds_incl_first_runs"] = round(time.perf_counter() - t, 1)
+            batches = args.compile_batches if variant == "fast+compile" else args.batches
+            p[variant] = score_rows(res, loaded, folder, paths, args.sizes, batches, variant, flops_min, args, 2)
+            if variant == "fast+compile":
+                res.data["compile_seconds_incl_first_runs"] = round(time.perf_counter() - t, 1)
+            for key in sorted(set(p_plain) & set(p[variant])):
+                m = min(len(p[variant][key]), len(p_plain[key]))  # the same files, in the same order
+                d = np.abs(p[variant][key][:m] - p_plain[key][:m])
+                res.add("numerics", {"variant": variant, "image_px": key[0], "batch": key[1], "images": int(len(d)),
+                                     "p_defect_max_abs_diff_fast_vs_plain": float(d.max()),
+                                     "p_defect_mean_abs_diff": float(d.mean()),
+                                     "p_defect_range_plain": [float(p_plain[key].min()), float(p_plain[key].max())]})
+            breakdown(res, loaded, folder, paths[args.sizes[0]], args.sizes[0], args.breakdown_batch, variant, args)
+            record = getattr(loaded.model, "_saec_fast_path", None)
+            res.data.setdefault("fast_path", {})[variant] = fast_path_summary(record)
             res.write()
-        except Exception as exc:  # recorded in the results, the run goes on to the next section
-            res.error("fast+compile", exc)
+        except Exception as exc:  # recorded in the results, the run goes on
+            res.error(variant, exc)
+            reset_peak(device)
     del loaded
     reset_peak(device)
 
@@ -354,10 +409,10 @@ def section_llava(res: Results, args, folder: Path, paths) -> None:
                               text_overrides=SMOKE_LLAVA_TEXT if args.smoke else None,
                               vision_overrides=SMOKE_LLAVA_VISION if args.smoke else None)
     record = install_fast_path(loaded.model)
-    res.data["llava_fast_path"] = {k: v for k, v in record.items() if k != "plan_cache"}
+    res.data["llava_fast_path"] = fast_path_summary(record)
     size = args.sizes[0]
     scorer = engine_scorer(loaded, folder, 2, size, 2)
-    batch = to_device(next(iter(scorer._batches(paths[size][:2]))).batch, loaded.device, loaded.dtype)
+    batch = scorer.device_batch(next(iter(scorer._batches(paths[size][:2]))).batch)
     fl = flops_per_image(lambda: label_logits_fast(scorer._base, batch, scorer._label_rows), 2)
     res.data.setdefault("flops", {})["llava"] = {"needed_T": round(fl / 1e12, 3),
                                                  "prompt_tokens": int(batch["input_ids"].shape[1])}
@@ -366,7 +421,8 @@ def section_llava(res: Results, args, folder: Path, paths) -> None:
     p_fast = score_rows(res, loaded, folder, paths, [size], args.llava_batches, "engine", {size: fl}, args, 1)
     for key in sorted(set(p_plain) & set(p_fast)):
         res.add("numerics", {"model": "llava", "image_px": key[0], "batch": key[1],
-                             "p_defect_max_abs_diff_fast_vs_plain": float(np.abs(p_fast[key] - p_plain[key]).max())})
+                             "p_defect_max_abs_diff_fast_vs_plain":
+                             float(np.abs(p_fast[key][: len(p_plain[key])] - p_plain[key][: len(p_fast[key])]).max())})
     for row in res.data["scoring"]:
         if row["model"] == folder.name:
             res.data["llava"].append(row)
@@ -558,16 +614,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cloud_h200.json")
     ap.add_argument("--sections", default="score,train,llava", help="run in this order")
     ap.add_argument("--sizes", default="448,512")
-    ap.add_argument("--batches", default="16,32,64")
-    ap.add_argument("--plain-batches", default="16,32")
+    ap.add_argument("--batches", default="32", help="batch sizes of the uncompiled fast variant")
+    ap.add_argument("--plain-batches", default="32")
     ap.add_argument("--llava-batches", default="32,64")
     ap.add_argument("--breakdown-batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=256, help="files scored per measurement (at least 2 batches)")
+    ap.add_argument("--images", type=int, default=512, help="files scored per engine measurement (at least 2 batches)")
+    ap.add_argument("--plain-images", type=int, default=256, help="files scored per plain measurement")
     ap.add_argument("--source-px", type=int, default=640, help="side of the synthetic PNG files")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 2))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also measure the fast path with compiled vision blocks")
-    ap.add_argument("--compile-batches", default="32,64")
+    ap.add_argument("--variants", default="fast,fast+compile", help="engine variants measured after the plain one")
+    ap.add_argument("--compile-batches", default="16,32,64")
     ap.add_argument("--train-size", type=int, default=448)
     ap.add_argument("--train-plain-batch", type=int, default=16)
     ap.add_argument("--train-batches", default="16:0,32:0,16:1", help="batch:checkpointing pairs for QLoRA")
@@ -582,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     args.plain_batches = [int(s) for s in args.plain_batches.split(",")]
     args.llava_batches = [int(s) for s in args.llava_batches.split(",")]
     args.compile_batches = [int(s) for s in args.compile_batches.split(",")]
+    args.variants = args.variants.split(",")
+    if set(args.variants) - {"fast", "fast+compile"}:
+        raise SystemExit("--variants: choose from fast, fast+compile")
     train_variants = [(int(a), b == "1") for a, b in (x.split(":") for x in args.train_batches.split(","))]
     if args.smoke:
         torch.set_num_threads(2)
@@ -606,7 +666,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}: choose from score, llava, train")
     with tempfile.TemporaryDirectory(prefix="saec-cloud-bench-") as tmp:
-        n_files = max(args.images, 2 * max(args.batches + args.plain_batches + args.llava_batches))
+        n_files = max(args.images, args.plain_images,
+                      2 * max(args.batches + args.compile_batches + args.plain_batches + args.llava_batches))
         files = make_images(Path(tmp) / "imgs", n_files, args.source_px)
         paths = {s: files for s in args.sizes}
         jobs = dict((

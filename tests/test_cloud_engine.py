@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from saec.artifacts.store import read_table  # noqa: E402
 from saec.prompts import ANSWER_PREFIX, chat_messages  # noqa: E402
 from saec.tasks.cloud.config import CloudScoreConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
-from saec.tasks.cloud.engine import VLMScorer, build_prompt_spec, last_real_index  # noqa: E402
+from saec.tasks.cloud.engine import VLMScorer, build_prompt_spec, encode, last_real_index  # noqa: E402
 from saec.tasks.cloud.explain import STATUS_INVALID, STATUS_OK, parse_explanation  # noqa: E402
 from saec.tasks.cloud.images import UnreadableImageError, five_crops, load_rgb  # noqa: E402
 from saec.tasks.cloud.models import ModelLoadError, load_vlm, model_identity, weight_files  # noqa: E402
@@ -204,6 +204,46 @@ def test_fast_equals_reference_with_padding_and_batches(tiny, images):
     assert left["p_defect"].std() > 0  # different images, different scores
     assert left["batch_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
     assert left["batch_size"].tolist() == [3, 3, 3, 3, 3, 3, 2, 2]
+
+
+def assert_device_preparation_matches_processor(scorer: VLMScorer, paths) -> None:
+    """The scorer's processor-free batch is the processor's: the same token tensors and grid, the
+    model's own 3-D positions, and pixel_values within float32 rounding (uint8 pixels made into
+    patches by torch operations)."""
+    assert scorer._static is not None, "same-size images should not need the processor"
+    with ThreadPoolExecutor(2) as pool:
+        prepared = scorer._prepare(0, [str(p) for p in paths], pool)
+    assert prepared.batch["pixels_uint8"].dtype == torch.uint8 and "pixel_values" not in prepared.batch
+    got = scorer.device_batch(prepared.batch)
+    images = [load_rgb(p, scorer.cfg.resize) for p in paths]
+    ref = encode(scorer.processor, scorer.family, [scorer.spec.prefix] * len(images), images)
+    assert set(got) == set(ref) | {"position_ids"}
+    for key in ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids"):
+        assert torch.equal(got[key].cpu(), ref[key]), key
+    positions, _ = scorer._base.model.get_rope_index(  # what the model computes for the processor's batch
+        ref["input_ids"], image_grid_thw=ref["image_grid_thw"], attention_mask=ref["attention_mask"],
+        mm_token_type_ids=ref["mm_token_type_ids"])
+    assert torch.equal(got["position_ids"].cpu(), positions)
+    pixels, expected = got["pixel_values"].float().cpu(), ref["pixel_values"]
+    assert pixels.shape == expected.shape
+    assert float((pixels - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("resize", [112, 512])  # the tiny processor's own size, and one it resizes down
+def test_device_preparation_equals_the_processor(tiny, images, resize):
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=resize, batch_size=4, progress=False))
+    try:
+        assert_device_preparation_matches_processor(scorer, images)  # RGB, grey, 16-bit and palette files
+        off = VLMScorer(CloudScoreConfig(model=str(tiny), resize=resize, prepare_on_device=False, progress=False),
+                        loaded=scorer.loaded)
+        assert off._static is None
+        np.testing.assert_allclose(scorer.score(images)["p_defect"], off.score(images)["p_defect"], atol=1e-6)
+        off.close()
+    finally:
+        scorer.close()
+    unsized = VLMScorer(CloudScoreConfig(model=str(tiny), resize=None, progress=False), loaded=scorer.loaded)
+    assert unsized._static is None  # images keep their own sizes: the processor prepares each batch
+    unsized.close()
 
 
 def test_fast_path_never_builds_full_vocabulary_logits(tiny, images, monkeypatch):

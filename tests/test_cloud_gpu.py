@@ -1,4 +1,6 @@
-"""On a CUDA machine: the scoring engine selects the fast path by itself and agrees with the plain forward.
+"""On a CUDA machine: the scoring engine selects the fast path by itself (batched vision windows,
+compiled vision blocks and decoder layers, pixels prepared on the GPU) and agrees with the plain
+forward.
 
 Skipped without CUDA (CI has none); run on a GPU machine with the weightless model folders
 (`SAEC_SHARED` pointing at a folder holding `models/`).
@@ -36,13 +38,22 @@ def test_engine_selects_fast_path_on_cuda_and_matches_reference(tmp_path):
     scores = {}
     for impl in ("reference", "fast"):
         loaded = build_random_vlm(QWEN, device="cuda", dtype="bfloat16", seed=3, text_overrides=TEXT, vision_overrides=VISION)
-        cfg = CloudScoreConfig(model=str(QWEN), impl=impl, resize=448, batch_size=4, progress=False)
-        scorer = VLMScorer(cfg, loaded=loaded)
-        assert (scorer.fast_path is not None) == (impl == "fast")
-        scores[impl] = scorer.score(paths)["p_defect"]
-        scorer.close()
-        del scorer, loaded
+        for resize in (448, 512):  # 512: the processor's resize to 504 is reproduced in the decode threads
+            cfg = CloudScoreConfig(model=str(QWEN), impl=impl, resize=resize, batch_size=4, progress=False)
+            scorer = VLMScorer(cfg, loaded=loaded)
+            assert (scorer.fast_path is not None) == (impl == "fast")
+            assert (scorer._static is not None) == (impl == "fast")  # token ids once, pixels made on the GPU
+            scores[impl, resize] = scorer.score(paths)["p_defect"]
+            if impl == "fast":
+                assert {"vision_norm_rotary_mlp_compiled", "language_layers_compiled"} <= set(scorer.fast_path["installed"])
+                assert scorer.fast_path["language"]["fast_calls"] > 0
+                assert scorer.fast_path["language"]["library_calls"] == 0
+                assert scorer.fast_path["stats"]["vision_metadata_reused"] > 0  # one grid tensor per batch size
+            scorer.close()
+            del scorer
+        del loaded
         torch.cuda.empty_cache()
-    diff = np.abs(scores["fast"] - scores["reference"])
-    print({"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
-    assert np.isfinite(scores["fast"]).all() and diff.max() < 0.05
+    for resize in (448, 512):
+        diff = np.abs(scores["fast", resize] - scores["reference", resize])
+        print({"resize": resize, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
+        assert np.isfinite(scores["fast", resize]).all() and diff.max() < 0.05

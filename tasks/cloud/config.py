@@ -235,6 +235,9 @@ class CloudScoreConfig(_Strict):
     of the output layer at the last position of each row, and merges LoRA into the base weights
     when they are not quantized.
 
+    On CUDA the fast implementation also installs `saec.tasks.cloud.fast` (batched vision windows,
+    and with `compile_vision` / `compile_language` the compiled vision blocks and decoder layers).
+
     `tta="five_crop"` scores the four corners and the centre (each `resize` square, taken from the
     image after its shorter side is brought up to `resize` when smaller) and compares the mean
     summed log-probabilities of the full answers `Label: 0` and `Label: 1`.
@@ -252,7 +255,20 @@ class CloudScoreConfig(_Strict):
     attn_implementation: AttnImpl = "sdpa"
     quantization: Quantization = "none"
     impl: Literal["reference", "fast"] = "fast"
-    compile_vision: bool = Field(True, description="fast path on CUDA: compile the vision blocks (about 45 s once)")
+    compile_vision: bool = Field(
+        True, description="fast path on CUDA: fuse each vision block's norms, rotary embedding and MLP with "
+                          "torch.compile (compiled once per process: with compile_language about a minute on "
+                          "the H200, first batches included)")
+    compile_language: bool = Field(
+        True, description="fast path on CUDA: one torch.compile'd decoder layer (fused q/k/v and gate/up "
+                          "products, fused norms, rotary and SiLU) for every language layer, the last layer "
+                          "computed at the scored position only; layers that are quantized or carry an "
+                          "unmerged adapter keep the library's forward")
+    prepare_on_device: bool = Field(
+        True, description="fast implementation, Qwen2.5-VL, `resize` set (every image the same size): token "
+                          "ids built once per image size, pixels sent as uint8 and normalised and cut into "
+                          "patches on the device exactly as the processor does; otherwise the processor "
+                          "prepares every batch")
     tta: Literal["none", "five_crop"] = "none"
     explain: bool = False
     explain_max_new_tokens: int = Field(192, ge=1)

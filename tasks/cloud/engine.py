@@ -12,8 +12,14 @@ Two implementations share everything but the forward pass:
     real position of each row and multiplies it by the two label rows of the output layer only.
     With an adapter on unquantized weights, LoRA is merged into the base weights once at load.
 
-Images are decoded and resized by a pool of threads, and the processor turns them into tensors,
-while the previous batch computes.
+Images are decoded and resized by a pool of threads while the previous batch computes. For the
+fast implementation of Qwen2.5-VL with a fixed `resize`, every image has the same size, so the
+token sequence (template, prompt, image pads, answer prefix) is the same for every image: it is
+built once per size, and the decode threads write uint8 pixels into a pinned batch that is copied
+to the device on a side stream and normalised and cut into patches there, exactly as the
+processor does it (`images.PatchLayout`); the token tensors and 3-D positions are moved to the
+device once per batch size. Otherwise the processor prepares each batch. Results are fetched one
+batch late: the next batch is queued before the host waits for the current one's logits.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from saec.tasks.cloud.explain import (
     STATUS_NOT_REQUESTED,
     parse_explanation,
 )
-from saec.tasks.cloud.images import five_crops, load_rgb
+from saec.tasks.cloud.images import PatchLayout, five_crops, load_rgb, patches_from_uint8
 from saec.tasks.cloud.models import LoadedVLM, load_vlm
 
 IMAGE_PLACEHOLDER = "image"  # the chat template only needs to see that a turn holds an image
@@ -169,8 +175,28 @@ def to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
+class StaticPrompt:
+    """The scoring prompt's token tensors for images of one size, built once by the processor.
+
+    input_ids, attention_mask, image_grid_thw and mm_token_type_ids of one row (the processor's
+    own output for one image of that size), repeated for a batch of same-size images.
+    """
+
+    def __init__(self, processor, family: str, prefix: str, height: int, width: int):
+        from PIL import Image
+
+        enc = encode(processor, family, [prefix], [Image.new("RGB", (width, height))])
+        self.size = (height, width)
+        self.row = {k: v for k, v in enc.items() if k != "pixel_values" and hasattr(v, "expand")}
+
+    def batch(self, n: int) -> dict:
+        """The row repeated n times."""
+        return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.row.items()}
+
+
 def _forward_kwargs(batch: dict) -> dict:
-    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
+            "position_ids")
     return {k: batch[k] for k in keep if k in batch}
 
 
@@ -181,8 +207,13 @@ def hidden_at(model, batch: dict, positions):
     """Decoder hidden states at `positions` ([B, K] indices) without the output layer: [B, K, H]."""
     import torch
 
-    out = model.model(**_forward_kwargs(batch), use_cache=False, return_dict=True)
+    from saec.tasks.cloud.fast import keep_positions
+
+    with keep_positions(model, positions) as kept:  # a compiled last layer computes these positions only
+        out = model.model(**_forward_kwargs(batch), use_cache=False, return_dict=True)
     h = out.last_hidden_state
+    if kept.trimmed:
+        return h
     rows = torch.arange(h.shape[0], device=h.device)[:, None]
     return h[rows, positions]
 
@@ -273,13 +304,32 @@ class VLMScorer:
             self.merged = True
         self.model = model.eval()
         self._base = model.get_base_model() if isinstance(model, PeftModel) else model
-        # On CUDA the fast path also swaps in batched vision-window attention and compiled vision
-        # blocks (saec.tasks.cloud.fast); `impl="reference"` keeps the plain library forward.
+        # On CUDA the fast path also swaps in batched vision-window attention, compiled vision
+        # blocks and compiled decoder layers (saec.tasks.cloud.fast); `impl="reference"` keeps the
+        # plain library forward.
         self.fast_path: dict | None = None
         if cfg.impl == "fast" and self.device.type == "cuda" and self.family == "qwen2_5_vl":
-            from saec.tasks.cloud.fast import install_fast_path
+            from saec.tasks.cloud.fast import install_fast_path, uninstall_fast_path
 
-            self.fast_path = install_fast_path(self._base, compile_vision=cfg.compile_vision)
+            options = {"compile_vision": cfg.compile_vision, "compile_language": cfg.compile_language,
+                       "rope_broadcast": True}
+            current = getattr(self._base, "_saec_fast_path", None)
+            if current is not None and current.get("options") != options:
+                uninstall_fast_path(self._base)
+                current = None
+            self.fast_path = current if current is not None else install_fast_path(self._base, **options)
+        # Same-size images: token tensors once per size, pixels prepared on the device.
+        self._layout: PatchLayout | None = None
+        self._static: StaticPrompt | None = None
+        if cfg.impl == "fast" and cfg.prepare_on_device and cfg.resize is not None and self.family == "qwen2_5_vl":
+            layout = PatchLayout.from_processor(self.processor)
+            if layout is not None and layout.handles(cfg.resize, cfg.resize):
+                self._layout = layout
+                self._static = StaticPrompt(self.processor, self.family, self.spec.prefix,
+                                            *layout.target_size(cfg.resize, cfg.resize))
+                self._normalizer = layout.normalizer(self.device)
+        self._static_device: dict[int, dict] = {}  # per batch size: token tensors and positions on the device
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         head = self._base.get_output_embeddings()
         rows = torch.nn.Linear(head.in_features, 2, bias=head.bias is not None, device=self.device)
         with torch.no_grad():
@@ -305,12 +355,96 @@ class VLMScorer:
 
     def _prepare(self, index: int, paths: list[str], pool: ThreadPoolExecutor) -> _Prepared:
         t0 = time.perf_counter()
+        if self._static is not None:
+            return self._prepare_static(index, paths, pool, t0)
         groups = list(pool.map(self._decode, paths))
+        return self._prepare_processor(index, paths, groups, t0)
+
+    def _prepare_processor(self, index: int, paths: list[str], groups: list, t0: float) -> _Prepared:
         images = [im for group in groups for im in group]
         texts = [self.spec.prefix] * len(images)
         batch = encode(self.processor, self.family, texts, images, pin=self.device.type == "cuda")
         sizes = [groups[i][0].size for i in range(len(paths))]
         return _Prepared(index, paths, batch, sizes, time.perf_counter() - t0)
+
+    def _prepare_static(self, index: int, paths: list[str], pool: ThreadPoolExecutor, t0: float) -> _Prepared:
+        """Decode threads write uint8 pixels (resized as the processor would) into one pinned batch."""
+        import torch
+
+        per_path = 5 if self.cfg.tta == "five_crop" else 1
+        height, width = self._static.size
+        pixels = torch.empty((len(paths) * per_path, height, width, 3), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        rows = pixels.numpy()
+        side = self.cfg.resize
+
+        def fill(i: int) -> tuple[list, bool]:
+            group = self._decode(paths[i])
+            for j, im in enumerate(group):
+                if im.size != (side, side):
+                    return group, False
+                np.copyto(rows[i * per_path + j], self._layout.resize_like_processor(np.asarray(im)))
+            return group, True
+
+        done = list(pool.map(fill, range(len(paths))))
+        groups = [g for g, _ in done]
+        if not all(ok for _, ok in done):  # cannot happen with `resize` set; the processor handles it anyway
+            return self._prepare_processor(index, paths, groups, t0)
+        batch = {"pixels_uint8": pixels}  # the token tensors are on the device already (`_static_rows`)
+        sizes = [g[0].size for g in groups]
+        return _Prepared(index, paths, batch, sizes, time.perf_counter() - t0)
+
+    def device_batch(self, batch: dict) -> dict:
+        """A prepared batch on the device. Copies run on a side stream (CUDA). A same-size batch
+        sends only its uint8 pixels: the token tensors and 3-D positions are moved once per batch
+        size and reused (the same tensors every batch), the patches are made on the device."""
+        static = "pixels_uint8" in batch
+        moved = self._upload({"pixels_uint8": batch["pixels_uint8"]} if static else batch)
+        if static:
+            pixels = moved.pop("pixels_uint8")
+            moved.update(self._static_rows(pixels.shape[0]))
+            moved["pixel_values"] = patches_from_uint8(pixels, self._layout, self.dtype, self._normalizer)
+        return moved
+
+    def _upload(self, batch: dict) -> dict:
+        import torch
+
+        if self._copy_stream is None:
+            return to_device(batch, self.device, self.dtype)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = to_device(batch, self.device, self.dtype)
+        compute.wait_stream(self._copy_stream)
+        for v in moved.values():
+            if isinstance(v, torch.Tensor):
+                v.record_stream(compute)
+        return moved
+
+    def _static_rows(self, n: int) -> dict:
+        """Token tensors and 3-D positions of n same-size images on the device, made once per n."""
+        if n not in self._static_device:
+            rows = to_device(self._static.batch(n), self.device, self.dtype)
+            positions = self._static_positions(rows)
+            if positions is not None:
+                rows["position_ids"] = positions
+            self._static_device[n] = rows
+        return dict(self._static_device[n])
+
+    def _static_positions(self, batch: dict):
+        """3-D rotary position ids of a same-size batch: the model's own `get_rope_index` of one
+        row, repeated (None where the model has no such method)."""
+        inner = getattr(self._base, "model", None)
+        rope_index = getattr(inner, "get_rope_index", None)
+        if rope_index is None:
+            return None
+        n = batch["input_ids"].shape[0]
+        one = {k: batch[k][:1] for k in ("image_grid_thw", "attention_mask", "mm_token_type_ids") if k in batch}
+        try:
+            pos, _ = rope_index(batch["input_ids"][:1], **one)
+        except TypeError:  # a library version without mm_token_type_ids
+            one.pop("mm_token_type_ids", None)
+            pos, _ = rope_index(batch["input_ids"][:1], **one)
+        return pos.expand(pos.shape[0], n, pos.shape[2]).contiguous()
 
     def _batches(self, paths: Sequence[str]) -> Iterable[_Prepared]:
         """Prepared batches in order, `prefetch_batches` ahead of the consumer."""
@@ -382,26 +516,48 @@ class VLMScorer:
         t_start = time.perf_counter()
         bar = tqdm(total=n, desc="cloud scoring", unit="img", disable=not self.cfg.progress, dynamic_ncols=True)
         t_wait = time.perf_counter()
+
+        def collect(flight) -> None:
+            prepared, host, done, t0, waited = flight
+            if done is not None:
+                done.synchronize()
+            values = host.numpy()
+            seconds = time.perf_counter() - t0  # launch to results on the host
+            lo = prepared.index * self.cfg.batch_size
+            hi = lo + len(prepared.paths)
+            out["logit_0"][lo:hi], out["logit_1"][lo:hi] = values[:, 0], values[:, 1]
+            out["batch_index"][lo:hi] = prepared.index
+            out["batch_size"][lo:hi] = hi - lo
+            out["batch_seconds"][lo:hi] = seconds
+            out["wait_seconds"][lo:hi] = waited
+            sizes[lo:hi] = prepared.sizes
+            bar.update(hi - lo)
+
+        cuda = self.device.type == "cuda"
+        in_flight = None
         with torch.inference_mode():
             for prepared in self._batches(paths):
                 waited = time.perf_counter() - t_wait
                 t0 = time.perf_counter()
-                batch = to_device(prepared.batch, self.device, self.dtype)
+                batch = self.device_batch(prepared.batch)
                 values = self._logits(batch)
                 if self.cfg.tta == "five_crop":
                     values = values.view(len(prepared.paths), 5, 2).mean(dim=1)
-                values = values.float().cpu().numpy()
-                seconds = time.perf_counter() - t0  # .cpu() synchronises the device
-                lo = prepared.index * self.cfg.batch_size
-                hi = lo + len(prepared.paths)
-                out["logit_0"][lo:hi], out["logit_1"][lo:hi] = values[:, 0], values[:, 1]
-                out["batch_index"][lo:hi] = prepared.index
-                out["batch_size"][lo:hi] = hi - lo
-                out["batch_seconds"][lo:hi] = seconds
-                out["wait_seconds"][lo:hi] = waited
-                sizes[lo:hi] = prepared.sizes
-                bar.update(hi - lo)
+                values = values.float()
+                done = None
+                if cuda:  # queue the copy of the results and go on to the next batch before reading them
+                    host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(values, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                else:
+                    host = values.cpu()
+                if in_flight is not None:
+                    collect(in_flight)
+                in_flight = (prepared, host, done, t0, waited)
                 t_wait = time.perf_counter()
+            if in_flight is not None:
+                collect(in_flight)
         bar.close()
         diff = out["logit_1"].astype(np.float64) - out["logit_0"].astype(np.float64)
         out["p_defect"] = 1.0 / (1.0 + np.exp(-diff))  # softmax over the two label logits
