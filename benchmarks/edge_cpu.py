@@ -1,9 +1,8 @@
 """Edge throughput on the CPU: files to verdicts, the project's runtime against plain Ultralytics.
 
 Baseline (the seed's way): ``YOLO(weights).predict(file)`` one file at a time, then the
-confidence measures and the rule from its probabilities. Ours: `predict_edge` with the default
-runtime (threaded decode + batched OpenVINO on the verified ONNX graph, float32, verdicts,
-Parquet written); ONNX Runtime fp32, ONNX Runtime int8 and batched PyTorch are measured beside it. Same checkpoint, same image
+confidence measures and the rule from its probabilities. Ours: `predict_edge` (threaded
+decode + batched ONNX Runtime, verdicts, Parquet written). Same checkpoint, same image
 size, same files, measured in one run on one machine, alternating, best of `--repeats`.
 
     python benchmarks/edge_cpu.py                       # synthetic images, yolo11s-cls.yaml, 224 and 448
@@ -172,7 +171,6 @@ def main() -> None:
     console.print(f"{len(files)} images ({shown}), weights {weights.name}, {cores} cores, load {loadavg()}")
 
     import onnxruntime
-    import openvino
     import ultralytics as ul_pkg
 
     record = {
@@ -192,16 +190,14 @@ def main() -> None:
             "torch": torch.__version__,
             "ultralytics": ul_pkg.__version__,
             "onnxruntime": onnxruntime.__version__,
-            "openvino": openvino.get_version(),
             "numpy": np.__version__,
         },
         "weights": {"name": weights.name, "from": args.weights, "sha256_16": sha256_file(weights)[:16]},
         "images": {"n": len(files), "source": str(args.images) if args.images else "synthetic MVTec-layout PNGs",
                    "sizes": sizes[:10]},
         "baseline": "YOLO(weights) then .predict(file, imgsz, device='cpu') one file at a time + measures + rule",
-        "ours": "saec.tasks.edge.predict_edge with edge.runtime=auto (OpenVINO, float32): model load, threaded "
-                "decode/preprocess, batched inference, Parquet out; the same with ONNX Runtime fp32 and int8 and "
-                "with batched PyTorch beside it",
+        "ours": "saec.tasks.edge.predict_edge: model load, threaded decode/preprocess, batched ONNX Runtime, "
+                "Parquet out",
         "timing": "both timed from loading the checkpoint to the last verdict, after one warm-up of each on 4 images; "
                   "the one-time ONNX export (cached by weights hash and imgsz) is reported separately",
         "int8": "precision=int8: ONNX Runtime static per-channel QDQ quantization calibrated on 32 of the images; "
@@ -216,9 +212,8 @@ def main() -> None:
 
     for imgsz in args.imgsz:
         cfg = EdgeConfig(mode="imagenet_rule", weights=str(weights), imgsz=imgsz, batch_size=args.batch,
-                         runtime="auto", progress=False)
+                         runtime="onnxruntime", progress=False)
         cache = work / "onnx-cache"
-        cfg_ort = cfg.model_copy(update={"runtime": "onnxruntime"})
         cfg8 = cfg.model_copy(update={"precision": "int8"})
         calibration = [str(p) for p in files[:: max(1, len(files) // 32)][:32]]
         t = time.perf_counter()
@@ -228,15 +223,13 @@ def main() -> None:
         run_ours(cfg8, weights, files[:4], cache, work / "warmup.parquet", calibration)  # quantizes and caches
         quantize_s = time.perf_counter() - t
         run_baseline(weights, files[:4], imgsz)  # first-call costs (imports, kernel set-up) on both sides
-        base_s, ours_s, ort_s, int8_s, torch_s, loads = [], [], [], [], [], []
+        base_s, ours_s, int8_s, torch_s, loads = [], [], [], [], []
         for _ in range(args.repeats):
             loads.append(loadavg())
             s, base_df = run_baseline(weights, files, imgsz)
             base_s.append(s)
             s, ours_df, info = run_ours(cfg, weights, files, cache, work / f"edge-{imgsz}.parquet")
             ours_s.append(s)
-            s, _, _ = run_ours(cfg_ort, weights, files, cache, work / f"edge-ort-{imgsz}.parquet")
-            ort_s.append(s)
             s, int8_df, info8 = run_ours(cfg8, weights, files, cache, work / f"edge-int8-{imgsz}.parquet", calibration)
             int8_s.append(s)
             s, torch_df, _ = run_ours(cfg.model_copy(update={"runtime": "torch"}), weights, files, cache,
@@ -252,15 +245,11 @@ def main() -> None:
             "baseline_images_per_s": round(n / min(base_s), 2),
             "ours_images_per_s": round(best_ours, 2),
             "ratio": round(min(base_s) / min(ours_s), 2),
-            "ours_runtime": info["runtime"],
-            "ours_onnxruntime_images_per_s": round(n / min(ort_s), 2),
-            "ratio_onnxruntime": round(min(base_s) / min(ort_s), 2),
             "ours_int8_images_per_s": round(n / min(int8_s), 2),
             "ratio_int8": round(min(base_s) / min(int8_s), 2),
             "ours_torch_batched_images_per_s": round(n / min(torch_s), 2),
             "baseline_seconds": [round(x, 3) for x in base_s],
             "ours_seconds": [round(x, 3) for x in ours_s],
-            "ours_onnxruntime_seconds": [round(x, 3) for x in ort_s],
             "ours_int8_seconds": [round(x, 3) for x in int8_s],
             "int8_vs_fp32_on_calibration_images": info8.get("int8"),
             "int8_quantize_seconds": round(quantize_s, 2),
@@ -292,14 +281,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     table = Table(title=f"edge CPU: files to verdicts, {weights.name}, {len(files)} images, {cores} cores")
-    for col in ("imgsz", "baseline img/s", "ours img/s", "ratio", "ORT fp32 img/s", "int8 img/s", "ratio int8",
-                "ours torch img/s",
+    for col in ("imgsz", "baseline img/s", "ours img/s", "ratio", "int8 img/s", "ratio int8", "ours torch img/s",
                 "GFLOP/img", "of matmul peak", "max |Δsmax|", "verdict agree"):
         table.add_column(col, justify="right")
     for r in record["results"]:
         table.add_row(str(r["imgsz"]), f"{r['baseline_images_per_s']:.1f}", f"{r['ours_images_per_s']:.1f}",
-                      f"{r['ratio']:.2f}x", f"{r['ours_onnxruntime_images_per_s']:.1f}",
-                      f"{r['ours_int8_images_per_s']:.1f}", f"{r['ratio_int8']:.2f}x",
+                      f"{r['ratio']:.2f}x", f"{r['ours_int8_images_per_s']:.1f}", f"{r['ratio_int8']:.2f}x",
                       f"{r['ours_torch_batched_images_per_s']:.1f}", f"{r['gflops_per_image']:.2f}",
                       f"{100 * r['ours_fraction_of_matmul_rate']:.0f} %", f"{r['max_abs_smax_diff_vs_baseline']:.1e}",
                       f"{100 * r['verdict_agreement_vs_baseline']:.0f} %")

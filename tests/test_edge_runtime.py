@@ -2,8 +2,6 @@
 Ultralytics' own predict, the ONNX cache, and the edge_predictions table (imagenet_rule mode)."""
 from __future__ import annotations
 
-import json
-
 import hashlib
 from pathlib import Path
 
@@ -161,7 +159,7 @@ def test_predict_edge_rule_table(images, spread_weights, tmp_path, cache):
     assert list(df.columns) == SCHEMAS["edge_predictions"].names
     assert df.image_id.tolist() == manifest.image_id.tolist() and df.path.tolist() == manifest.path.tolist()
     assert df.p_defect.isna().all() and (df["mode"] == "imagenet_rule").all()
-    assert (df.runtime == "openvino").all() and info["runtime_fallback_reason"] is None
+    assert (df.runtime == "onnxruntime").all() and info["runtime_fallback_reason"] is None
     assert (df.model_id == hashlib.sha256(spread_weights.read_bytes()).hexdigest()[:16]).all()
     expected = rule_verdict(df.smax, df.margin, df.entropy, Thresholds(smax_thr=0.5, margin_thr=0.1, ent_thr=0.5))
     assert df.verdict.tolist() == expected.tolist() and 0 < expected.sum() < len(df)  # both verdicts occur
@@ -183,20 +181,6 @@ def test_predict_edge_refuses_uncalibrated_rule_and_bad_files(images, spread_wei
             EdgeConfig(mode="supervised", weights=str(spread_weights), imgsz=IMGSZ, progress=False),
             manifest.iloc[:1], tmp_path / "x.parquet", cache,
         )
-
-
-def test_openvino_and_onnxruntime_agree(images, spread_weights, cache):
-    paths = [str(p) for p in images]
-    ov_df, ov_info = run_edge(_rule_cfg(spread_weights, runtime="openvino"), paths, cache)
-    ort_df, ort_info = run_edge(_rule_cfg(spread_weights, runtime="onnxruntime"), paths, cache)
-    assert ov_info["runtime"] == "openvino" and ort_info["runtime"] == "onnxruntime"
-    assert ov_info["onnx_path"] == ort_info["onnx_path"]  # one exported graph, two runtimes
-    np.testing.assert_allclose(ov_df.smax, ort_df.smax, atol=1e-4)  # float32 kernels differ in rounding only
-    assert ov_df.top1_class.tolist() == ort_df.top1_class.tolist()
-    check = json.loads(Path(ov_info["onnx_path"]).with_suffix(".openvino.json").read_text())
-    assert check["max_logit_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
-    with pytest.raises(ValueError, match="runs on ONNX Runtime"):
-        _rule_cfg(spread_weights, precision="int8", runtime="openvino")
 
 
 def test_int8_runtime(images, spread_weights, tmp_path, cache):

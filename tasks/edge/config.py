@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EdgeMode = Literal["imagenet_rule", "supervised"]
-Runtime = Literal["auto", "openvino", "onnxruntime", "torch"]
+Runtime = Literal["auto", "onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
 
 # Seed run values (SEED-ALGORITHMS section 3).
@@ -172,11 +172,7 @@ class EdgeConfig(BaseModel):
     )
     defect_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="supervised: defect iff p_defect >= this")
     # runtime
-    runtime: Runtime = Field(
-        "auto",
-        description="auto: OpenVINO, else ONNX Runtime, else PyTorch (the run records why one was passed over); "
-        "OpenVINO and ONNX Runtime run the same exported graph, verified against PyTorch",
-    )
+    runtime: Runtime = "auto"
     batch_size: int = Field(32, ge=1, le=4096)
     threads: int | None = Field(None, ge=1, description="inference threads; None = all available cores")
     io_threads: int | None = Field(None, ge=1, description="decode/preprocess threads; None = available cores")
@@ -225,7 +221,7 @@ class EdgeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _resolve(self) -> "EdgeConfig":
-        if self.precision == "int8" and self.runtime in ("torch", "openvino"):
+        if self.precision == "int8" and self.runtime == "torch":
             raise ValueError("edge.precision=int8 runs on ONNX Runtime; set edge.runtime to auto or onnxruntime")
         if self.imgsz is None:
             object.__setattr__(self, "imgsz", DEFAULT_IMGSZ[self.mode])

@@ -1,6 +1,6 @@
-"""Loading the edge classifier, exporting it to ONNX (cached), and the CPU runtimes.
+"""Loading the edge classifier, exporting it to ONNX (cached), and the two CPU runtimes.
 
-Every runtime (OpenVINO, ONNX Runtime, PyTorch) returns raw logits for a float32 NCHW batch; the confidence measures are
+Both runtimes return raw logits for a float32 NCHW batch; the confidence measures are
 computed from the logits afterwards, the same way for both. The ONNX graph is exported
 from the fused PyTorch module with ``torch.onnx.export`` (no Ultralytics exporter, which
 may try to install packages), checked numerically against PyTorch, and cached by
@@ -217,61 +217,6 @@ class OrtRunner:
         return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})[0]
 
 
-class OpenVinoRunner:
-    """The verified ONNX graph compiled by OpenVINO for the CPU, in float32.
-
-    OpenVINO would run in bfloat16 on CPUs that have it; the precision hint keeps float32 so
-    that verdicts are those of the checked graph. Compiled once per process and graph.
-    """
-
-    name = "openvino"
-
-    def __init__(self, onnx_path: Path, threads: int):
-        import openvino as ov
-
-        core = ov.Core()
-        self.compiled = core.compile_model(
-            str(onnx_path),
-            "CPU",
-            {
-                "INFERENCE_NUM_THREADS": threads,
-                "INFERENCE_PRECISION_HINT": "f32",
-                "PERFORMANCE_HINT": "LATENCY",
-                # decode threads share the cores: do not pin inference threads to them
-                "ENABLE_CPU_PINNING": False,
-            },
-        )
-        self.request = self.compiled.create_infer_request()
-        self.output = self.compiled.output(0)
-        self.onnx_path = onnx_path
-        self.threads = threads
-        self.version = ov.get_version()
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.array(self.request.infer({0: batch})[self.output], dtype=np.float32, copy=True)
-
-
-def _check_openvino(model: "EdgeModel", onnx_path: Path, imgsz: int, threads: int) -> OpenVinoRunner:
-    """An OpenVINO runner for the graph, checked once against PyTorch (the check is cached beside it)."""
-    runner = OpenVinoRunner(onnx_path, threads)
-    check_path = onnx_path.with_suffix(".openvino.json")
-    if check_path.is_file():
-        return runner
-    loaded = model.torch()
-    batch = _verification_batch(imgsz)
-    ov_logits = runner(batch)
-    torch_logits = TorchRunner(loaded, threads)(batch)
-    diff = float(np.abs(ov_logits - torch_logits).max())
-    scale = float(np.abs(torch_logits).max())
-    if not diff / max(1.0, scale) <= EXPORT_RTOL:
-        raise EdgeModelError(
-            f"OpenVINO differs from PyTorch by {diff:.2e} in logits of size up to {scale:.3g} "
-            f"(accepted: {EXPORT_RTOL:.0e} relative); set edge.runtime=onnxruntime or torch"
-        )
-    write_json_atomic(check_path, {"openvino": runner.version, "max_logit_diff": diff, "max_abs_logit": scale})
-    return runner
-
-
 def _export(model: LoadedModel, imgsz: int, opset: int, path: Path) -> str:
     import torch
 
@@ -300,15 +245,6 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _verification_batch(imgsz: int, n: int = 3, seed: int = 0) -> np.ndarray:
-    """A seeded batch of smooth random images: 16-pixel blocks of random colour plus pixel noise."""
-    rng = np.random.default_rng(seed)
-    cells = -(-imgsz // 16)
-    coarse = rng.random((n, 3, cells, cells), dtype=np.float32).repeat(16, axis=2).repeat(16, axis=3)
-    noise = 0.1 * rng.standard_normal((n, 3, imgsz, imgsz), dtype=np.float32)
-    return np.ascontiguousarray(np.clip(coarse[:, :, :imgsz, :imgsz] + noise, 0.0, 1.0))
-
-
 def verify_onnx(
     model: LoadedModel, onnx_path: Path, imgsz: int, threads: int, n: int = 3, seed: int = 0
 ) -> dict[str, float]:
@@ -318,7 +254,11 @@ def verify_onnx(
     difference|. Kernels differ between the two, so logits agree to float32 rounding
     relative to their size, not to an absolute number.
     """
-    batch = _verification_batch(imgsz, n, seed)
+    rng = np.random.default_rng(seed)
+    cells = -(-imgsz // 16)  # 16-pixel blocks of random colour, plus pixel noise
+    coarse = rng.random((n, 3, cells, cells), dtype=np.float32).repeat(16, axis=2).repeat(16, axis=3)
+    noise = 0.1 * rng.standard_normal((n, 3, imgsz, imgsz), dtype=np.float32)
+    batch = np.ascontiguousarray(np.clip(coarse[:, :, :imgsz, :imgsz] + noise, 0.0, 1.0))
     ort_logits = OrtRunner(onnx_path, threads)(batch)
     torch_logits = TorchRunner(model, threads)(batch)
     return {
@@ -458,40 +398,31 @@ def make_runner(
     cache_dir: str | Path,
     calibration: Sequence[str | Path] | None = None,
 ) -> tuple[Any, dict[int, str], str | None]:
-    """The configured runtime, the model's class names, and why `auto` passed over a faster one.
+    """The configured runtime, the model's class names, and the reason when `auto` fell back to PyTorch.
 
-    `auto` tries OpenVINO, then ONNX Runtime (both on the same verified ONNX graph), then PyTorch.
-    `calibration` (image paths) is needed for precision=int8 only (ONNX Runtime).
+    `calibration` (image paths) is needed for precision=int8 only.
     """
     model = EdgeModel.of(model)
     threads = cfg.resolved_threads()
     if cfg.runtime == "torch":
         loaded = model.torch()
         return TorchRunner(loaded, threads), loaded.names, None
-    reasons: list[str] = []
-    if cfg.precision == "int8":
-        candidates = ["onnxruntime-int8"]
-    elif cfg.runtime == "auto":
-        candidates = ["openvino", "onnxruntime"]
-    else:
-        candidates = [cfg.runtime]
-    for kind in candidates:
-        try:
-            if kind == "onnxruntime-int8":
-                path = int8_onnx_for(model, cfg.imgsz, cache_dir, calibration or [], cfg.opset, threads)
-                runner = OrtRunner(path, threads, name="onnxruntime-int8")
-            else:
-                path = onnx_for(model, cfg.imgsz, cache_dir, cfg.opset, threads)
-                runner = _check_openvino(model, path, cfg.imgsz, threads) if kind == "openvino" else OrtRunner(path, threads)
-            names = {int(k): v for k, v in read_onnx_meta(path)["names"].items()}
-            return runner, names, "; ".join(reasons) or None
-        except Exception as exc:  # noqa: BLE001 - auto moves on, but says why
-            if cfg.runtime != "auto":
-                raise
-            reasons.append(f"{kind} unavailable: {type(exc).__name__}: {exc}")
-            log.warning("edge runtime %s unavailable (%s)", kind, reasons[-1])
-    loaded = model.torch()
-    return TorchRunner(loaded, threads), loaded.names, "; ".join(reasons)
+    try:
+        if cfg.precision == "int8":
+            path = int8_onnx_for(model, cfg.imgsz, cache_dir, calibration or [], cfg.opset, threads)
+            runner = OrtRunner(path, threads, name="onnxruntime-int8")
+        else:
+            path = onnx_for(model, cfg.imgsz, cache_dir, cfg.opset, threads)
+            runner = OrtRunner(path, threads)
+        names = {int(k): v for k, v in read_onnx_meta(path)["names"].items()}
+        return runner, names, None
+    except Exception as exc:  # noqa: BLE001 - auto falls back, but says why
+        if cfg.runtime == "onnxruntime":
+            raise
+        reason = f"onnxruntime unavailable: {type(exc).__name__}: {exc}"
+        log.warning("edge runtime falls back to torch (%s)", reason)
+        loaded = model.torch()
+        return TorchRunner(loaded, threads), loaded.names, reason
 
 
 def read_onnx_meta(onnx_path: Path) -> dict[str, Any]:
