@@ -95,7 +95,7 @@ class SyntheticConfig(BaseModel):
     ksdd2_n_test: int = Field(80, ge=2, le=1_000_000)
     ksdd2_defect_rate: float = Field(0.25, gt=0.0, lt=1.0)
     defect_visibility: float = Field(
-        1.0, ge=0.25, le=4.0,
+        1.0, ge=0.25, le=8.0,
         description="scales every defect's size and contrast from the same random draws; 1.0 is the reference look",
     )
 
@@ -138,8 +138,8 @@ class Visibility:
     v: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.25 <= self.v <= 4.0:
-            raise ValueError(f"defect visibility {self.v} must lie within 0.25..4.0")
+        if not 0.25 <= self.v <= 8.0:
+            raise ValueError(f"defect visibility {self.v} must lie within 0.25..8.0")
 
     @property
     def reference(self) -> bool:

