@@ -41,8 +41,8 @@ class DataConfig(BaseModel):
     mvtec_root: Path | None = Field(None, description="MVTec AD folder (source=folders)")
     ksdd2_root: Path | None = Field(None, description="KolektorSDD2 raw folder (source=folders)")
     # The embedded default is drawn for models trained from scratch in CPU minutes: images at
-    # 128 px (the size both small models look at, so resizing loses nothing), defects six times
-    # as large and strong as the generator's neutral look, and 20 training examples per defect type.
+    # 128 px (the edge's input size; the tiny cloud model sees 112), defects six times as large
+    # and strong as the generator's neutral look, and 20 training examples per defect type.
     synthetic: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**EMBEDDED_SYNTHETIC))
 
     @model_validator(mode="after")
