@@ -43,10 +43,11 @@ class TinyModelConfig(_Strict):
     becomes at most (image_size / (patch_size * spatial_merge_size))^2 visual tokens. Patches are
     7 px, not Qwen's 14: a vision tower that learns from a few hundred images generalises better
     from finer patches (measured on 640 training images drawn at 4x visibility: 78.5 % holdout
-    accuracy, against 74-77 % with 14-px patches), and the first vision block attends within 56-px windows, the last over
-    the whole image, as Qwen's tower does at its scale. Weights are drawn with std 1/sqrt(hidden)
-    unless `initializer_range` says otherwise: the published 0.02 suits a 3584-wide model, and at
-    width 128 it leaves the output logits so small that training first spends epochs scaling them.
+    accuracy, against 74-77 % with 14-px patches). The first vision block attends within 56-px
+    windows, the last over the whole image, as Qwen's tower does at its scale. Weights are drawn
+    with std 1/sqrt(hidden) unless `initializer_range` says otherwise: the published 0.02 suits a
+    3584-wide model, and at width 128 it leaves the output logits so small that training first
+    spends epochs scaling them.
     """
 
     seed: int = 0
