@@ -204,6 +204,10 @@ def test_fast_equals_reference_with_padding_and_batches(tiny, images):
     assert left["p_defect"].std() > 0  # different images, different scores
     assert left["batch_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
     assert left["batch_size"].tolist() == [3, 3, 3, 3, 3, 3, 2, 2]
+    # one compute time per batch, shared by its images
+    for b in range(3):
+        assert len(set(left["batch_seconds"][left["batch_index"] == b])) == 1
+    assert (left["batch_seconds"] > 0).all()
 
 
 def assert_device_preparation_matches_processor(scorer: VLMScorer, paths) -> None:

@@ -518,11 +518,12 @@ class VLMScorer:
         t_wait = time.perf_counter()
 
         def collect(flight) -> None:
-            prepared, host, done, t0, waited = flight
-            if done is not None:
+            prepared, host, events, seconds, waited = flight
+            if events is not None:  # device time from this batch's start to its results on the host
+                start, done = events
                 done.synchronize()
+                seconds = start.elapsed_time(done) / 1000.0
             values = host.numpy()
-            seconds = time.perf_counter() - t0  # launch to results on the host
             lo = prepared.index * self.cfg.batch_size
             hi = lo + len(prepared.paths)
             out["logit_0"][lo:hi], out["logit_1"][lo:hi] = values[:, 0], values[:, 1]
@@ -539,22 +540,28 @@ class VLMScorer:
             for prepared in self._batches(paths):
                 waited = time.perf_counter() - t_wait
                 t0 = time.perf_counter()
+                events = None
+                if cuda:
+                    stream = torch.cuda.current_stream(self.device)
+                    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    events[0].record(stream)
                 batch = self.device_batch(prepared.batch)
                 values = self._logits(batch)
                 if self.cfg.tta == "five_crop":
                     values = values.view(len(prepared.paths), 5, 2).mean(dim=1)
                 values = values.float()
-                done = None
+                seconds = 0.0
                 if cuda:  # queue the copy of the results and go on to the next batch before reading them
                     host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
                     host.copy_(values, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record()
+                    # on the scoring device's stream: with cuda:N the current device may be another GPU
+                    events[1].record(stream)
                 else:
                     host = values.cpu()
+                    seconds = time.perf_counter() - t0
                 if in_flight is not None:
                     collect(in_flight)
-                in_flight = (prepared, host, done, t0, waited)
+                in_flight = (prepared, host, events, seconds, waited)
                 t_wait = time.perf_counter()
             if in_flight is not None:
                 collect(in_flight)

@@ -456,6 +456,9 @@ def _language_unsupported(inner) -> str | None:
         return f"hidden_act {cfg.hidden_act!r} is not silu"
     if getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
+    impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r}: the fused layers take the 4-D mask of sdpa/eager"
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
