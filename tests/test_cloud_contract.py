@@ -8,7 +8,6 @@ weights) then train and score end to end on the CPU through the project's own co
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
+from conftest import SHARED  # noqa: E402
 from saec.artifacts.hashing import sha256_file  # noqa: E402
 from saec.prompts import ANSWER_PREFIX, INSTRUCTION, chat_messages  # noqa: E402
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig  # noqa: E402
@@ -34,7 +34,6 @@ from saec.tasks.cloud.models import (  # noqa: E402
 )
 from saec.tasks.cloud.train import train_vlm  # noqa: E402
 
-SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 QWEN = SHARED / "models" / "Qwen2.5-VL-7B-Instruct"
 LLAVA = SHARED / "models" / "llava-1.5-7b-hf"
 

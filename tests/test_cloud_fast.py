@@ -7,8 +7,6 @@ Images of 448 px (equal 8x8 windows: one attention call per block) and 512 px (r
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,8 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from conftest import SHARED  # noqa: E402
+
 QWEN = SHARED / "models" / "Qwen2.5-VL-7B-Instruct"
 pytestmark = pytest.mark.skipif(not (QWEN / "config.json").is_file(), reason=f"{QWEN} is absent")
 

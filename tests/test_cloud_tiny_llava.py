@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from conftest import SHARED
 from saec.artifacts.hashing import sha256_file
 from saec.prompts import INSTRUCTION, answer, chat_messages
 from saec.tasks.cloud.tiny_llava import (
@@ -25,7 +25,6 @@ from saec.tasks.cloud.tiny_llava import (
     build_tiny_llava,
 )
 
-SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REAL = SHARED / "models" / "llava-1.5-7b-hf"
 needs_real = pytest.mark.skipif(not (REAL / "config.json").is_file(), reason=f"real LLaVA folder {REAL} is absent")
 
