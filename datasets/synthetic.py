@@ -29,7 +29,8 @@ stronger from the same random draws (see `Visibility`): line widths and the gap 
 or break grow by v, lengths and radii by sqrt(v) (so a blob covers about v times the
 area), multiplicative darkening or tinting f becomes f**v, opacities a become 1-(1-a)**v,
 blend targets move v times farther from the surface they cover, and displacements
-(misplaced capsules, bent wires) grow towards their visible limit. At v = 1 every image
+(misplaced capsules, bent wires) grow towards their visible limit; the radius of a bend
+stays, since a wider bend of the same depth would be gentler. At v = 1 every image
 is bit for bit what it was before the knob existed.
 
 Categories (see `CATEGORIES`), each with normal variation in its goods (lighting, small
@@ -460,7 +461,9 @@ def _render_grid(rng: np.random.Generator, s: int, defect: str | None,
         return clean, None
     cx, cy = (rng.uniform(0.12, 0.88, 2) * s).tolist()
     if defect == "bent":
-        sigma = vis.extent(rng.uniform(7.0, 16.0) * sc)
+        # A bend shows as curvature, depth over radius: a deeper bend is more visible, a wider one
+        # less, so visibility deepens it and leaves its radius alone.
+        sigma = rng.uniform(7.0, 16.0) * sc
         amp = vis.toward(rng.uniform(0.25, 0.55), 0.6) * float(rng.choice([-1.0, 1.0]))  # in periods
         bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)) * amp
         out = draw(du=bump) if rng.random() < 0.5 else draw(dv=bump)

@@ -82,7 +82,7 @@ class CloudConfig(BaseModel):
 
     def train_config(self, model_path: str) -> CloudTrainConfig:
         if self.embedded:
-            return CloudTrainConfig.tiny(model_path, **self.train)
+            return CloudTrainConfig.tiny(model_path, **{"resize": self.tiny.image_size, **self.train})
         return CloudTrainConfig(model=model_path, **self.train)
 
     def score_config(self, model_path: str, baseline: bool = False) -> CloudScoreConfig:

@@ -23,6 +23,7 @@ from saec.tasks.cloud.engine import VLMScorer  # noqa: E402
 from saec.tasks.cloud.models import ModelLoadError, load_vlm  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 from saec.tasks.cloud.train import (  # noqa: E402
+    Example,
     ResumeError,
     SFTDataError,
     answer_loss,
@@ -140,6 +141,39 @@ def test_lora_targets_the_language_model_only(tiny, sft):
     assert not any(".visual.blocks." in n for n in trainable)
 
 
+def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, tmp_path):
+    from saec.tasks.cloud.train import augment_ops
+
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
+    loaded.processor.tokenizer.padding_side = "right"
+    rows = read_sft(sft)
+    rows = [r.model_copy(update={"category": "mesh" if i % 3 else "capsule"}) for i, r in enumerate(rows)]
+    examples = build_examples(rows, loaded.processor)
+    cfg = tiny_cfg(tiny, augment="dihedral", augment_categories=("mesh",))
+    by_epoch = [augment_ops(cfg, epoch, examples) for epoch in range(4)]
+    assert by_epoch[1] == augment_ops(cfg, 1, examples)  # fixed by (seed, epoch): a resume sees the same images
+    assert by_epoch[0] != by_epoch[1]
+    for ops in by_epoch:
+        assert all(op is None for op, ex in zip(ops, examples) if ex.category == "capsule")
+    mesh_ops = {op for ops in by_epoch for op, ex in zip(ops, examples) if ex.category == "mesh"}
+    assert len(mesh_ops) >= 5  # 32 draws from the eight flips and turns
+    flips = {op for e in range(4) for op in augment_ops(tiny_cfg(tiny, augment="flip"), e, examples)}
+    assert flips == {None, Image.Transpose.FLIP_LEFT_RIGHT}
+    assert set(augment_ops(tiny_cfg(tiny), 0, examples)) == {None}
+
+    # the model sees the transformed image: the batch equals one built from the turned file
+    ex = next(e for e, op in zip(examples, by_epoch[0]) if op is not None)
+    op = by_epoch[0][examples.index(ex)]
+    turned = tmp_path / "turned.png"
+    Image.open(ex.image).convert("RGB").resize((56, 56), Image.Resampling.BICUBIC).transpose(op).save(turned)
+    got = prepare_batch(loaded.processor, loaded.family, [ex], 56, [op])
+    want = prepare_batch(loaded.processor, loaded.family, [Example(str(turned), ex.label, ex.text,
+                                                                   ex.n_answer_tokens)], 56)
+    plain = prepare_batch(loaded.processor, loaded.family, [ex], 56)
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
+    assert not torch.allclose(got["pixel_values"], plain["pixel_values"])
+
+
 def test_train_config_validates():
     with pytest.raises(ValueError, match="4-bit"):
         CloudTrainConfig(model="m", trainable="full", quantization="nf4")
@@ -220,7 +254,8 @@ def test_qlora_nf4_keeps_the_merger_trainable(tiny, sft, tmp_path):
 @pytest.mark.slow
 def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     data = write_sft(tmp_path / "data", 24, seed=3)
-    cfg = tiny_cfg(tiny, epochs=2, batch_size=2, grad_accum=1, checkpoint_every=1, lora_dropout=0.1)
+    cfg = tiny_cfg(tiny, epochs=2, batch_size=2, grad_accum=1, checkpoint_every=1, lora_dropout=0.1,
+                   augment="dihedral", augment_categories=None)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     args = [sys.executable, "-m", "saec.tasks.cloud.train", "--config", str(tmp_path / "cfg.json"),
             "--train", str(data), "--threads", "1"]
@@ -250,7 +285,7 @@ def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     assert (log.session[log.step > killed_at] == 1).all()
     assert log.elapsed_s.is_monotonic_increasing
 
-    # resuming reproduces the uninterrupted run: same data order, RNG (dropout) and optimizer state
+    # resuming reproduces the uninterrupted run: same data order, augmentation, RNG (dropout) and optimizer state
     train_vlm(cfg, data, None, tmp_path / "work2", tmp_path / "out2")
     from safetensors.torch import load_file
 

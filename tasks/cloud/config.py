@@ -145,6 +145,12 @@ class CloudTrainConfig(_Strict):
       - "full": every weight (no adapter; the whole model is written out). Incompatible with NF4.
     `train_output_layer=True` adds the output layer and the final norm to what the adapter saves.
 
+    `augment` transforms each training image by an operation drawn from (seed, epoch, example),
+    so a resumed run sees exactly the images an uninterrupted one would: "flip" mirrors left-right
+    or not; "dihedral" applies one of the eight flips and quarter turns. Use it only for categories
+    whose labels do not depend on orientation, and list them in `augment_categories`: a capsule
+    turned half-way round is MVTec's "misplaced" defect, a mesh or a washer turned is still good.
+
     `quantization="auto"` is NF4 on CUDA and none on CPU (4-bit weights cannot be trained, and
     a CPU is where the embedded default model trains). `dtype="auto"` is bf16 on CUDA, float32 on CPU.
 
@@ -187,7 +193,13 @@ class CloudTrainConfig(_Strict):
     gradient_checkpointing: bool = True
     # data
     resize: int | None = Field(512, ge=28, description="square side images are resized to before the processor")
-    preprocess_workers: int = Field(2, ge=1)
+    augment: Literal["none", "flip", "dihedral"] = Field(
+        "none", description="label-preserving geometric augmentation of training images (see the class notes)"
+    )
+    augment_categories: tuple[str, ...] | None = Field(
+        None, description="categories augmentation applies to; None = all (only where orientation is not a defect)"
+    )
+    preprocess_workers: int = Field(2, ge=1, description="threads preparing batches ahead of a GPU (a CPU prepares inline)")
     # checkpoints and logging
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
