@@ -160,8 +160,11 @@ class CloudTrainConfig(_Strict):
     that no adapter can read defects from. That recipe therefore trains the whole vision tower
     (saved with the adapter), the output layer and final norm, and LoRA r=16 on the language
     model's attention and MLP, at lr 3e-4 with batch 8 (at 1e-3 the loss stays near the class
-    prior for epochs), in float32 on the CPU without gradient checkpointing (nothing to save in
-    memory at that size). The adapter interface stays the real model's: base folder + PEFT adapter.
+    prior for epochs), for 24 epochs, in float32 on the CPU without gradient checkpointing (nothing
+    to save in memory at that size). A vision transformer trained from scratch on a few hundred
+    images overfits them, so the recipe turns and flips the images of the embedded categories
+    that have no orientation (carpet, grid, ring); capsules stay as they are. The adapter
+    interface stays the real model's: base folder + PEFT adapter.
     """
 
     model: str
@@ -217,7 +220,7 @@ class CloudTrainConfig(_Strict):
         """The recipe that trains the embedded default model (random init) on a small CPU in minutes."""
         values = dict(
             model=str(model),
-            epochs=12,
+            epochs=24,
             batch_size=8,
             grad_accum=1,
             lr=3e-4,
@@ -234,6 +237,8 @@ class CloudTrainConfig(_Strict):
             device="cpu",
             gradient_checkpointing=False,
             resize=112,
+            augment="dihedral",
+            augment_categories=("carpet", "grid", "ring"),
             checkpoint_every=25,
         )
         values.update(overrides)
