@@ -68,7 +68,7 @@ def sft(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(model: Path, **kw) -> CloudTrainConfig:
-    base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2)
+    base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2, augment="none")
     return CloudTrainConfig.tiny(model, **{**base, **kw})
 
 
@@ -157,9 +157,9 @@ def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, t
         assert all(op is None for op, ex in zip(ops, examples) if ex.category == "capsule")
     mesh_ops = {op for ops in by_epoch for op, ex in zip(ops, examples) if ex.category == "mesh"}
     assert len(mesh_ops) >= 5  # 32 draws from the eight flips and turns
-    flips = {op for e in range(4) for op in augment_ops(tiny_cfg(tiny, augment="flip"), e, examples)}
+    flips = {op for e in range(4) for op in augment_ops(tiny_cfg(tiny, augment="flip", augment_categories=None), e, examples)}
     assert flips == {None, Image.Transpose.FLIP_LEFT_RIGHT}
-    assert set(augment_ops(tiny_cfg(tiny), 0, examples)) == {None}
+    assert set(augment_ops(tiny_cfg(tiny, augment="none"), 0, examples)) == {None}
 
     # the model sees the transformed image: the batch equals one built from the turned file
     ex = next(e for e, op in zip(examples, by_epoch[0]) if op is not None)
@@ -172,6 +172,13 @@ def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, t
     plain = prepare_batch(loaded.processor, loaded.family, [ex], 56)
     torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
     assert not torch.allclose(got["pixel_values"], plain["pixel_values"])
+
+
+def test_augmenting_a_category_the_data_lacks_warns(tiny, sft, tmp_path):
+    cfg = tiny_cfg(tiny, max_steps=1, augment="dihedral", augment_categories=("grids",))
+    with pytest.warns(UserWarning, match=r"none of augment_categories \['grids'\] occurs.*\['squares'\]"):
+        summary = train_vlm(cfg, sft, None, tmp_path / "work", tmp_path / "out")
+    assert summary["augmented_examples"] == 0
 
 
 def test_train_config_validates():

@@ -171,6 +171,21 @@ def augment_ops(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> l
     return [_DIHEDRAL[d] if allowed is None or ex.category in allowed else None for d, ex in zip(draws, examples)]
 
 
+def _check_augment(cfg: CloudTrainConfig, examples: list[Example]) -> int:
+    """How many examples augmentation may transform; warns when none of the listed categories occur."""
+    if cfg.augment == "none":
+        return 0
+    if cfg.augment_categories is None:
+        return len(examples)
+    n = sum(ex.category in cfg.augment_categories for ex in examples)
+    if n == 0:
+        present = sorted({ex.category for ex in examples})
+        warnings.warn(f"augment={cfg.augment!r} changes nothing: none of augment_categories "
+                      f"{list(cfg.augment_categories)} occurs in the training data (its categories: {present})",
+                      stacklevel=3)
+    return n
+
+
 def prepare_batch(processor, family: str, examples: list[Example], resize: int | None,
                   ops: list[Image.Transpose | None] | None = None) -> dict:
     """Decode, resize (and transform by `ops`) and encode one micro-batch; adds `answer_mask` for the loss."""
@@ -494,6 +509,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     processor = loaded.processor
     processor.tokenizer.padding_side = "right"
     examples = build_examples(rows, processor)
+    augmented = _check_augment(cfg, examples)
     model = setup_trainable(loaded, cfg)
     loaded.model = model
     base = loaded.base
@@ -629,6 +645,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         "total_steps": total_steps,
         "epochs_done": state.epoch,
         "examples": len(examples),
+        "augmented_examples": augmented,
         "resumed_from_step": resumed_from,
         "sessions": state.session + 1,
         "train_seconds": state.elapsed_s,
