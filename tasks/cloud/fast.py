@@ -291,10 +291,11 @@ def _compiled(name: str, fn, compiler=None, rows: dict[int, int | list[int]] | N
 
 def _residual_mlp(x, attn, norm_w, eps: float, wgu, bgu, wd, bd):
     """h + down(silu(gate(norm(h))) * up(norm(h))) with h = x + attn (the attention's residual),
-    norm = RMSNorm in float32 as the library does it.
+    norm = RMSNorm in float32 as the library does it. Serves the vision blocks and the decoder
+    layers (which have no MLP biases: `bgu` and `bd` None).
 
-    gate and up are one matrix product (`wgu` holds both, each padded with zero rows to an
-    aligned width; `wd` has the matching zero columns), which changes no value.
+    gate and up are one matrix product (`wgu` holds both, in the vision blocks each padded with
+    zero rows to an aligned width and `wd` with the matching zero columns), which changes no value.
     """
     import torch.nn.functional as F
 
@@ -392,13 +393,6 @@ def _attend(q, k, v, mask, scaling: float, causal: bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
 
 
-def _mlp(h, ln2, eps2: float, wgu, wd):
-    import torch.nn.functional as F
-
-    g, u = F.linear(_rms_norm(h, ln2, eps2), wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(g) * u, wd)
-
-
 def _text_layer(h, cos, sin, mask, ln1, eps1: float, wqkv, bqkv, wo, ln2, eps2: float, wgu, wd,
                 heads: int, kv_heads: int, scaling: float):
     """One decoder layer: RMSNorm, fused q/k/v, rotary, causal SDPA, o_proj, residual, RMSNorm,
@@ -411,7 +405,7 @@ def _text_layer(h, cos, sin, mask, ln1, eps1: float, wqkv, bqkv, wo, ln2, eps2: 
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
     o = _attend(q, k, v, mask, scaling, causal=True).transpose(1, 2).reshape(b, t, heads * d)
-    return _mlp(h + F.linear(o, wo), ln2, eps2, wgu, wd)
+    return _residual_mlp(h, F.linear(o, wo), ln2, eps2, wgu, None, wd, None)
 
 
 def _text_layer_at(h, positions, cos, sin, mask, ln1, eps1: float, wqkv, bqkv, wo, ln2, eps2: float, wgu, wd,
@@ -440,7 +434,7 @@ def _text_layer_at(h, positions, cos, sin, mask, ln1, eps1: float, wqkv, bqkv, w
     else:
         allowed = mask[rows, 0, positions]  # [B, K, T]: the rows of the library's 4-D mask
     o = _attend(q, k, v, allowed.unsqueeze(1), scaling, causal=False).transpose(1, 2).reshape(b, kept, nq)
-    return _mlp(h[rows, positions] + F.linear(o, wo), ln2, eps2, wgu, wd)
+    return _residual_mlp(h[rows, positions], F.linear(o, wo), ln2, eps2, wgu, None, wd, None)
 
 
 def _language_unsupported(inner) -> str | None:

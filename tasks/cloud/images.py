@@ -122,10 +122,6 @@ class PatchLayout:
                                  min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return int(h), int(w)
 
-    def grid(self, height: int, width: int) -> tuple[int, int, int]:
-        """image_grid_thw of one image already at a target size."""
-        return 1, height // self.patch_size, width // self.patch_size
-
     def handles(self, height: int, width: int) -> bool:
         """Whether `resize_like_processor` reproduces the processor exactly for images of this size."""
         return self.target_size(height, width) == (height, width) or self.torchvision_resize
