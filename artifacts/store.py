@@ -147,6 +147,41 @@ def published_path(path: str | Path) -> Path:
     return path
 
 
+def _relocate(value: Any, tmp: Path, final: Path) -> Any:
+    """`value` with every path inside the build folder `tmp` pointing into the published `final`.
+
+    A stage's info and the summaries it writes name files in the folder it was built in; the
+    folder is renamed on publication, so those names are rewritten (the JSON files at the
+    folder's top level in place, before the rename) to say where the files are for good.
+    """
+    olds = {str(tmp), str(tmp.resolve())}
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        for old in olds:
+            if old in value:
+                value = value.replace(old, str(final))
+        return value
+    if isinstance(value, dict):
+        return {k: _relocate(v, tmp, final) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relocate(v, tmp, final) for v in value]
+    return value
+
+
+def _relocate_json_files(tmp: Path, final: Path) -> None:
+    olds = sorted({str(tmp), str(tmp.resolve())}, key=len, reverse=True)
+    for path in tmp.glob("*.json"):  # top level only: files in sub-folders may carry identity hashes
+        if path.is_symlink() or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        new = text
+        for old in olds:
+            new = new.replace(json.dumps(old)[1:-1], json.dumps(str(final))[1:-1])
+        if new != text:
+            path.write_text(new, encoding="utf-8", errors="surrogateescape")
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -182,6 +217,8 @@ class Store:
         try:
             files, info = build(tmp)
             rel = {name: Path(p).resolve().relative_to(tmp.resolve()) for name, p in files.items()}
+            info = _relocate(info, tmp, final)
+            _relocate_json_files(tmp, final)
             if final.exists():  # an older or partial copy under the same key: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)

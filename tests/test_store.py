@@ -1,6 +1,9 @@
 """The artifact store: declared schemas, atomic writes, stage folders that appear only when complete."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -76,3 +79,23 @@ def test_runs_are_listed(tmp_path):
     (listed,) = store.runs()
     assert listed.run_id == run.run_id and listed.record["status"] == "completed"
     assert store.open_run(run.run_id).record["wall_s"] >= 0
+
+
+def test_stage_info_names_the_published_folder_not_the_build_folder(tmp_path):
+    store = Store(tmp_path)
+
+    def build(out):
+        ref = write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet")
+        (out / "summary.json").write_text(json.dumps({"table": str(out / "q.parquet")}))
+        (out / "sub").mkdir()
+        (out / "sub" / "record.json").write_text(json.dumps({"here": str(out)}))
+        return {"q": out / "q.parquet"}, {"table": out / "q.parquet", "nested": [{"dir": str(out)}], "rows": ref.rows}
+
+    result = store.build_stage("demo", "k2", build)
+    final = store.stage_dir("demo", "k2")
+    assert result.info["table"] == str(final / "q.parquet") and Path(result.info["table"]).is_file()
+    assert result.info["nested"] == [{"dir": str(final)}] and result.info["rows"] == 1
+    assert json.loads((final / "summary.json").read_text()) == {"table": str(final / "q.parquet")}
+    assert store.load_stage("demo", "k2").info == result.info
+    # files below the top level are left as written (an adapter's identity hash covers them)
+    assert ".building-" in json.loads((final / "sub" / "record.json").read_text())["here"]
