@@ -121,6 +121,8 @@ def test_vision_tower_and_p_defect_match_plain_forward(images):
     assert record["stats"]["vision_metadata_built"] == built + 1 and record["stats"]["vision_metadata_reused"] >= 1
     with pytest.raises(FastPathError, match="already installed"):
         install_fast_path(model)
+    with pytest.raises(ValueError, match="carries the fast path"):  # a patched model cannot serve as reference
+        _scores(loaded, images[448], "reference", 448)
     uninstall_fast_path(model)
     with torch.inference_mode():
         again = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output

@@ -304,6 +304,12 @@ class VLMScorer:
             self.merged = True
         self.model = model.eval()
         self._base = model.get_base_model() if isinstance(model, PeftModel) else model
+        if cfg.impl == "reference" and getattr(self._base, "_saec_fast_path", None) is not None:
+            raise ValueError(
+                "impl='reference' runs the library's forward, but this model carries the fast path that a "
+                "fast scorer installed on it: load the model again for the reference scorer, or remove the "
+                "fast path first (saec.tasks.cloud.fast.uninstall_fast_path)"
+            )
         # On CUDA the fast path also swaps in batched vision-window attention, compiled vision
         # blocks and compiled decoder layers (saec.tasks.cloud.fast); `impl="reference"` keeps the
         # plain library forward.
