@@ -23,6 +23,7 @@ from saec.tasks.cloud.engine import VLMScorer  # noqa: E402
 from saec.tasks.cloud.models import ModelLoadError, load_vlm  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 from saec.tasks.cloud.train import (  # noqa: E402
+    Augmentation,
     Example,
     ResumeError,
     SFTDataError,
@@ -166,12 +167,64 @@ def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, t
     op = by_epoch[0][examples.index(ex)]
     turned = tmp_path / "turned.png"
     Image.open(ex.image).convert("RGB").resize((56, 56), Image.Resampling.BICUBIC).transpose(op).save(turned)
-    got = prepare_batch(loaded.processor, loaded.family, [ex], 56, [op])
+    got = prepare_batch(loaded.processor, loaded.family, [ex], 56, [Augmentation(transpose=op)])
     want = prepare_batch(loaded.processor, loaded.family, [Example(str(turned), ex.label, ex.text,
                                                                    ex.n_answer_tokens)], 56)
     plain = prepare_batch(loaded.processor, loaded.family, [ex], 56)
     torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
     assert not torch.allclose(got["pixel_values"], plain["pixel_values"])
+
+
+def test_shift_and_lighting_move_and_relight_pixels():
+    from saec.tasks.cloud.train import relight_image, shift_image
+
+    arr = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    moved = np.asarray(shift_image(im, 3, -2))  # 3 px right, 2 px up
+    assert moved.shape == arr.shape
+    np.testing.assert_array_equal(moved[:-2, 3:], arr[2:, :-3])
+    np.testing.assert_array_equal(moved[:-2, 2], arr[2:, 1])  # the uncovered left columns mirror the image
+    np.testing.assert_array_equal(moved[-2:, 3:], arr[[-2, -3], :-3])  # ... and so do the bottom rows
+    assert shift_image(im, 0, 0) is im
+    with pytest.raises(ValueError, match="larger than 20 px"):
+        shift_image(im, 20, 0)
+
+    assert np.array_equal(np.asarray(relight_image(im, 1.0, 1.0)), arr)
+    flat = np.asarray(relight_image(im, 1.0, 0.5), dtype=np.float64)
+    assert abs(flat.mean() - arr.mean()) < 1 and abs(flat.std() / arr.std() - 0.5) < 0.02
+    brighter = np.asarray(relight_image(Image.fromarray(arr // 2), 1.3, 1.0), dtype=np.float64)
+    assert abs(brighter.mean() / (arr // 2).mean() - 1.3) < 0.01
+    grey = relight_image(im.convert("L"), 0.8, 1.2)
+    assert grey.mode == "L" and grey.size == im.size
+
+
+def test_augmentation_plan_draws_each_kind_from_its_own_stream(tiny, sft, tmp_path):
+    from saec.tasks.cloud.train import augment_plan
+
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
+    rows = read_sft(sft)
+    rows = [r.model_copy(update={"category": "mesh" if i % 3 else "capsule"}) for i, r in enumerate(rows)]
+    examples = build_examples(rows, loaded.processor)
+    assert augment_plan(tiny_cfg(tiny, augment="none"), 0, examples) == [None] * len(examples)
+    turns = tiny_cfg(tiny, augment="dihedral", augment_categories=("mesh",))
+    full = tiny_cfg(tiny, augment="dihedral", augment_categories=("mesh",), augment_shift=4, augment_lighting=0.2)
+    plan = augment_plan(full, 1, examples)
+    assert plan == augment_plan(full, 1, examples) and plan != augment_plan(full, 2, examples)
+    assert all(aug is None for aug, ex in zip(plan, examples) if ex.category == "capsule")
+    mesh = [aug for aug, ex in zip(plan, examples) if ex.category == "mesh"]
+    assert all(aug is not None and aug.shift is not None and aug.lighting is not None for aug in mesh)
+    assert all(max(map(abs, aug.shift)) <= 4 and all(0.8 <= f <= 1.2 for f in aug.lighting) for aug in mesh)
+    assert len({aug.shift for aug in mesh}) > 3
+    # adding shifts and lighting leaves the turns as they were (a recipe change does not reshuffle them)
+    assert [a.transpose if a else None for a in plan] == [a.transpose if a else None for a in augment_plan(turns, 1, examples)]
+
+    # the model sees the augmented image: the batch equals one built from the augmented file
+    ex, aug = next((e, a) for e, a in zip(examples, plan) if a is not None)
+    done = tmp_path / "augmented.png"
+    aug.apply(Image.open(ex.image).convert("RGB").resize((56, 56), Image.Resampling.BICUBIC)).save(done)
+    got = prepare_batch(loaded.processor, loaded.family, [ex], 56, [aug])
+    want = prepare_batch(loaded.processor, loaded.family, [Example(str(done), ex.label, ex.text, ex.n_answer_tokens)], 56)
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
 
 
 def test_augmenting_a_category_the_data_lacks_warns(tiny, sft, tmp_path):
@@ -262,7 +315,7 @@ def test_qlora_nf4_keeps_the_merger_trainable(tiny, sft, tmp_path):
 def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     data = write_sft(tmp_path / "data", 24, seed=3)
     cfg = tiny_cfg(tiny, epochs=2, batch_size=2, grad_accum=1, checkpoint_every=1, lora_dropout=0.1,
-                   augment="dihedral", augment_categories=None)
+                   augment="dihedral", augment_categories=None, augment_shift=3, augment_lighting=0.1)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     args = [sys.executable, "-m", "saec.tasks.cloud.train", "--config", str(tmp_path / "cfg.json"),
             "--train", str(data), "--threads", "1"]

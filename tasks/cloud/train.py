@@ -171,31 +171,94 @@ def augment_ops(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> l
     return [_DIHEDRAL[d] if allowed is None or ex.category in allowed else None for d, ex in zip(draws, examples)]
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What happens to one training image in one epoch, in this order: flip or turn, shift, lighting."""
+
+    transpose: Image.Transpose | None = None
+    shift: tuple[int, int] | None = None  # (dx, dy) pixels, the uncovered border mirrored
+    lighting: tuple[float, float] | None = None  # (brightness, contrast) factors
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        if self.transpose is not None:
+            image = image.transpose(self.transpose)
+        if self.shift is not None:
+            image = shift_image(image, *self.shift)
+        if self.lighting is not None:
+            image = relight_image(image, *self.lighting)
+        return image
+
+
+def augment_plan(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> list[Augmentation | None]:
+    """Every example's augmentation in one epoch, fixed by (seed, epoch); None = the image as it is.
+
+    Each kind draws from its own random stream, so turning one on leaves the others' draws alone.
+    """
+    n = len(examples)
+    turns = augment_ops(cfg, epoch, examples)
+    allowed = None if cfg.augment_categories is None else set(cfg.augment_categories)
+    applies = [allowed is None or ex.category in allowed for ex in examples]
+    shifts: list[tuple[int, int] | None] = [None] * n
+    if cfg.augment_shift:
+        k = cfg.augment_shift
+        d = np.random.default_rng([cfg.seed, epoch, 0x5F7]).integers(-k, k + 1, (n, 2))
+        shifts = [(int(x), int(y)) if ok else None for (x, y), ok in zip(d, applies)]
+    lights: list[tuple[float, float] | None] = [None] * n
+    if cfg.augment_lighting:
+        a = cfg.augment_lighting
+        f = np.random.default_rng([cfg.seed, epoch, 0xB21]).uniform(1 - a, 1 + a, (n, 2))
+        lights = [(float(b), float(c)) if ok else None for (b, c), ok in zip(f, applies)]
+    plan = [Augmentation(t, s, li) for t, s, li in zip(turns, shifts, lights)]
+    return [None if aug == Augmentation() else aug for aug in plan]
+
+
+def relight_image(image: Image.Image, brightness: float, contrast: float) -> Image.Image:
+    """Contrast scaled about the image's mean, then brightness scaled; clipped to 0..255."""
+    arr = np.asarray(image, dtype=np.float32)
+    mean = arr.mean()
+    out = ((arr - mean) * contrast + mean) * brightness
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode=image.mode)
+
+
+def shift_image(image: Image.Image, dx: int, dy: int) -> Image.Image:
+    """`image` moved right by dx and down by dy pixels, the uncovered border filled by mirroring."""
+    if dx == 0 and dy == 0:
+        return image
+    k = max(abs(dx), abs(dy))
+    arr = np.asarray(image)
+    h, w = arr.shape[:2]
+    if k >= min(h, w):
+        raise ValueError(f"a shift of {k} px needs an image larger than {k} px on each side, not {w}x{h}")
+    padded = np.pad(arr, ((k, k), (k, k)) + ((0, 0),) * (arr.ndim - 2), mode="reflect")
+    y0, x0 = k - dy, k - dx
+    return Image.fromarray(np.ascontiguousarray(padded[y0 : y0 + h, x0 : x0 + w]), mode=image.mode)
+
+
 def _check_augment(cfg: CloudTrainConfig, examples: list[Example]) -> int:
     """How many examples augmentation may transform; warns when none of the listed categories occur."""
-    if cfg.augment == "none":
+    if cfg.augment == "none" and not cfg.augment_shift and not cfg.augment_lighting:
         return 0
     if cfg.augment_categories is None:
         return len(examples)
     n = sum(ex.category in cfg.augment_categories for ex in examples)
     if n == 0:
         present = sorted({ex.category for ex in examples})
-        warnings.warn(f"augment={cfg.augment!r} changes nothing: none of augment_categories "
+        warnings.warn(f"augmentation changes nothing: none of augment_categories "
                       f"{list(cfg.augment_categories)} occurs in the training data (its categories: {present})",
                       stacklevel=3)
     return n
 
 
 def prepare_batch(processor, family: str, examples: list[Example], resize: int | None,
-                  ops: list[Image.Transpose | None] | None = None) -> dict:
-    """Decode, resize (and transform by `ops`) and encode one micro-batch; adds `answer_mask` for the loss."""
+                  augs: list[Augmentation | None] | None = None) -> dict:
+    """Decode, resize (and augment by `augs`) and encode one micro-batch; adds `answer_mask` for the loss."""
     import torch
 
     from saec.tasks.cloud.engine import encode
 
     images = [load_rgb(ex.image, resize) for ex in examples]
-    if ops is not None:
-        images = [im if op is None else im.transpose(op) for im, op in zip(images, ops)]
+    if augs is not None:
+        images = [im if aug is None else aug.apply(im) for im, aug in zip(images, augs)]
     batch = encode(processor, family, [ex.text for ex in examples], images)
     batch["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor([ex.n_answer_tokens for ex in examples]))
     return batch
@@ -553,16 +616,16 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         return elapsed_at_start + time.perf_counter() - t_session
 
     def make(job: tuple[list, list[int]]) -> dict:
-        ops, idx = job
-        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [ops[i] for i in idx])
+        augs, idx = job
+        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [augs[i] for i in idx])
 
     last_ckpt_step = state.step if resumed_from is not None else -1
     pool = ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="saec-train-data")
     try:
         while state.step < total_steps and state.epoch < cfg.epochs:
             order = epoch_order(cfg.seed, state.epoch, len(examples))
-            ops = augment_ops(cfg, state.epoch, examples)
-            micro = [(ops, order[i : i + cfg.batch_size].tolist()) for i in range(0, len(order), cfg.batch_size)]
+            augs = augment_plan(cfg, state.epoch, examples)
+            micro = [(augs, order[i : i + cfg.batch_size].tolist()) for i in range(0, len(order), cfg.batch_size)]
             start = state.next_micro
             window_losses: list[float] = []
             window_stats = {"images": 0, "answer_tokens": 0, "tokens": 0}
