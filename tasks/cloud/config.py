@@ -154,9 +154,10 @@ class CloudTrainConfig(_Strict):
     and `augment_lighting` scales brightness and contrast by up to that fraction; both draw from
     their own streams of (seed, epoch) and, like the turns, apply to `augment_categories` only. A
     part shifted off its fixture position is also "misplaced", and a shade can be a defect, so list
-    the categories where neither is. On the embedded data neither raised holdout accuracy (a 3-seed
-    study on a second synthetic draw: shifts end false alarms on good grids but miss more bent
-    wires and ring defects), so the tiny recipe leaves them off.
+    the categories where neither is. On the embedded data neither raised holdout accuracy beyond
+    the spread between training seeds (three seeds each, on a second synthetic draw: shifts end the
+    false alarms on good grids but miss more bent wires and ring defects), so the tiny recipe
+    leaves them off.
 
     `quantization="auto"` is NF4 on CUDA and none on CPU (4-bit weights cannot be trained, and
     a CPU is where the embedded default model trains). `dtype="auto"` is bf16 on CUDA, float32 on CPU.
