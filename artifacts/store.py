@@ -154,13 +154,11 @@ def _relocate(value: Any, tmp: Path, final: Path) -> Any:
     folder is renamed on publication, so those names are rewritten (the JSON files at the
     folder's top level in place, before the rename) to say where the files are for good.
     """
-    olds = {str(tmp), str(tmp.resolve())}
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, str):
-        for old in olds:
-            if old in value:
-                value = value.replace(old, str(final))
+        for old in _build_names(tmp):
+            value = value.replace(old, str(final))
         return value
     if isinstance(value, dict):
         return {k: _relocate(v, tmp, final) for k, v in value.items()}
@@ -169,8 +167,13 @@ def _relocate(value: Any, tmp: Path, final: Path) -> Any:
     return value
 
 
+def _build_names(tmp: Path) -> list[str]:
+    """The spellings of the build folder's path, the longer first (one may contain the other)."""
+    return sorted({str(tmp), str(tmp.resolve())}, key=len, reverse=True)
+
+
 def _relocate_json_files(tmp: Path, final: Path) -> None:
-    olds = sorted({str(tmp), str(tmp.resolve())}, key=len, reverse=True)
+    olds = _build_names(tmp)
     for path in tmp.glob("*.json"):  # top level only: files in sub-folders may carry identity hashes
         if path.is_symlink() or not path.is_file():
             continue

@@ -167,8 +167,15 @@ def augment_ops(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> l
         return [None] * len(examples)
     n_ops = 2 if cfg.augment == "flip" else len(_DIHEDRAL)
     draws = np.random.default_rng([cfg.seed, epoch, 0xA06]).integers(0, n_ops, len(examples))
-    allowed = None if cfg.augment_categories is None else set(cfg.augment_categories)
-    return [_DIHEDRAL[d] if allowed is None or ex.category in allowed else None for d, ex in zip(draws, examples)]
+    return [_DIHEDRAL[d] if ok else None for d, ok in zip(draws, _in_augment_categories(cfg, examples))]
+
+
+def _in_augment_categories(cfg: CloudTrainConfig, examples: list[Example]) -> list[bool]:
+    """Per example: whether its category is one that augmentation applies to."""
+    if cfg.augment_categories is None:
+        return [True] * len(examples)
+    allowed = set(cfg.augment_categories)
+    return [ex.category in allowed for ex in examples]
 
 
 @dataclass(frozen=True)
@@ -196,8 +203,7 @@ def augment_plan(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> 
     """
     n = len(examples)
     turns = augment_ops(cfg, epoch, examples)
-    allowed = None if cfg.augment_categories is None else set(cfg.augment_categories)
-    applies = [allowed is None or ex.category in allowed for ex in examples]
+    applies = _in_augment_categories(cfg, examples)
     shifts: list[tuple[int, int] | None] = [None] * n
     if cfg.augment_shift:
         k = cfg.augment_shift
@@ -238,10 +244,8 @@ def _check_augment(cfg: CloudTrainConfig, examples: list[Example]) -> int:
     """How many examples augmentation may transform; warns when none of the listed categories occur."""
     if cfg.augment == "none" and not cfg.augment_shift and not cfg.augment_lighting:
         return 0
-    if cfg.augment_categories is None:
-        return len(examples)
-    n = sum(ex.category in cfg.augment_categories for ex in examples)
-    if n == 0:
+    n = sum(_in_augment_categories(cfg, examples))
+    if n == 0 and cfg.augment_categories is not None:
         present = sorted({ex.category for ex in examples})
         warnings.warn(f"augmentation changes nothing: none of augment_categories "
                       f"{list(cfg.augment_categories)} occurs in the training data (its categories: {present})",
