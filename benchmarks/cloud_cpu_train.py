@@ -41,7 +41,7 @@ from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 from saec.tasks.cloud.train import (  # noqa: E402
     _prefetch,
     answer_loss,
-    augment_ops,
+    augment_plan,
     build_examples,
     prepare_batch,
     read_sft,
@@ -66,12 +66,12 @@ def run_steps(cfg: CloudTrainConfig, sft: Path, steps: int, threads: int, prefet
     model = setup_trainable(loaded, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ops = augment_ops(cfg, 0, examples)
+    augs = augment_plan(cfg, 0, examples)
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     jobs = [order[i : i + cfg.batch_size].tolist() for i in range(0, (steps + 2) * cfg.batch_size, cfg.batch_size)]
 
     def make(idx: list[int]) -> dict:
-        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [ops[i] for i in idx])
+        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [augs[i] for i in idx])
 
     pool = ThreadPoolExecutor(threads)
     batches = _prefetch(make, jobs, pool, threads + 1) if prefetch else map(make, jobs)
