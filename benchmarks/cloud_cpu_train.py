@@ -51,7 +51,7 @@ from saec.tasks.cloud.train import (  # noqa: E402
 from saec.tasks.sft import SFTConfig, split_sft, write_jsonl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_cpu import cpu_model, loadavg  # noqa: E402
+from machine import cpu_model, loadavg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -40,25 +40,11 @@ from saec.tasks.edge.measures import measures_from_probs, rule_verdict  # noqa: 
 from saec.tasks.edge.model import load_classifier, ultralytics  # noqa: E402
 from saec.tasks.edge.predict import predict_edge  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, loadavg  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_THRESHOLDS = Thresholds(smax_thr=0.55, margin_thr=0.03, ent_thr=0.95)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def matmul_gflops(threads: int, n: int = 1024, reps: int = 30) -> float:

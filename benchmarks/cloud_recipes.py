@@ -1,0 +1,291 @@
+"""Recipe study for the embedded tiny cloud model: train and score many recipes side by side.
+
+Each run trains the tiny Qwen2.5-VL with the project's own `train_vlm` on a synthetic draw's
+SFT split and scores that draw's holdout (and its own training images) with `VLMScorer`.
+Runs are separate processes, one CPU thread each, so a machine with many cores (and a GPU)
+runs a whole study at once. Draws use a generator seed other than the embedded default's,
+so no recipe is chosen on the holdout the pipeline reports.
+
+    # a draw: the embedded data's look and counts (times --scale), generator seed 31
+    python benchmarks/cloud_recipes.py draw /tmp/recipes/draw31 --seed 31 --scale 1
+    # a study on it (writes benchmarks/results/cloud_recipes_<study>.json)
+    python benchmarks/cloud_recipes.py run /tmp/recipes/draw31 --study depth --device cuda --workers 10
+
+`draw` needs the project's full environment; `run` needs only the cloud branch (torch,
+transformers, peft), as on a bare GPU machine. A draw too large to copy can be re-rendered
+where it runs: `regen DRAW` draws the images again from the draw's meta.json and checks every
+file against the SFT and holdout lists (an image's id is the SHA-256 of its bytes). Paths in
+those lists are absolute, so re-render at the same path.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:  # installed package, or the repository folders under the one name `saec`
+    import saec.tasks  # noqa: F401
+except ModuleNotFoundError:
+    sys.path.insert(0, str(ROOT))
+    import saec
+
+    saec.__path__.append(str(ROOT))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# A run: (name, seed, train overrides, tiny-model overrides, training-set scale). The scale keeps
+# the first 80*k good images of each category and 20*k images of each defect type, in list order.
+Run = tuple[str, int, dict, dict, int | None]
+VD4 = {"vision_depth": 4, "vision_fullatt_block_indexes": [1, 3]}
+STUDIES: dict[str, list[Run]] = {
+    # a deeper vision tower (and language model), on a draw at the embedded counts
+    "depth": [("default", 42, {}, {}, None)]
+    + [(n, s, tr, ti, None) for n, tr, ti in [
+        ("vision4", {}, VD4),
+        ("vision4_full_last", {}, {"vision_depth": 4, "vision_fullatt_block_indexes": [3]}),
+        ("vision4_mlp512", {}, {**VD4, "vision_intermediate_size": 512}),
+        ("vision4_16ep", {"epochs": 16}, VD4),
+    ] for s in (42, 7)]
+    + [("vision6", 42, {}, {"vision_depth": 6, "vision_fullatt_block_indexes": [2, 5]}, None),
+       ("language4", 42, {}, {"num_hidden_layers": 4}, None)],
+    # more distinct training images for the same number of optimizer steps, on a draw at 4x counts
+    "data": [(n, s, tr, {}, k) for n, tr, k in [
+        ("x1_24ep", {}, 1), ("x2_12ep", {"epochs": 12}, 2), ("x4_6ep", {"epochs": 6}, 4), ("x4_9ep", {"epochs": 9}, 4),
+    ] for s in (42, 7)],
+}
+
+
+# --------------------------------------------------------------------------- draws
+
+
+def cmd_draw(args) -> None:
+    from saec.config import EMBEDDED_SYNTHETIC
+    from saec.datasets.mvtec import read_mvtec
+    from saec.datasets.synthetic import SyntheticConfig, generate_mvtec
+    from saec.tasks.sft import SFTConfig, split_sft, write_jsonl
+
+    k = args.scale
+    base = SyntheticConfig(**EMBEDDED_SYNTHETIC)
+    cfg = base.model_copy(update=dict(seed=args.seed, n_train_good=base.n_train_good * k,
+                                      n_test_good=base.n_test_good * k,
+                                      n_test_defect_per_type=base.n_test_defect_per_type * k))
+    out = args.draw.resolve()
+    generate_mvtec(out / "mvtec_ad", cfg, progress=True)
+    train, holdout = split_sft(read_mvtec(out / "mvtec_ad").images, SFTConfig())
+    write_jsonl(train, out / "sft_train.jsonl")
+    rows = [dict(image_id=r.image_id, path=r.path, label=int(r.label), category=r.category, defect_type=r.defect_type)
+            for r in holdout.itertuples()]
+    (out / "holdout.json").write_text(json.dumps(rows))
+    meta = dict(synthetic=cfg.model_dump(mode="json"), scale=k, sft_train=len(train), holdout=len(holdout),
+                holdout_defects=int(holdout.label.sum()))
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps(meta))
+
+
+def cmd_regen(args) -> None:
+    from saec.datasets.synthetic import SyntheticConfig, generate_mvtec
+
+    out = args.draw.resolve()
+    meta = json.loads((out / "meta.json").read_text())
+    generate_mvtec(out / "mvtec_ad", SyntheticConfig(**meta["synthetic"]), overwrite=True)
+    listed = {r["image"]: r["image_id"] for r in map(json.loads, open(out / "sft_train.jsonl"))}
+    listed.update({r["path"]: r["image_id"] for r in json.loads((out / "holdout.json").read_text())})
+    bad = [p for p, digest in listed.items() if hashlib.sha256(Path(p).read_bytes()).hexdigest() != digest]
+    if bad:
+        raise SystemExit(f"{len(bad)} of {len(listed)} images differ from the draw's lists, e.g. {bad[0]}")
+    print(f"re-rendered {len(listed)} listed images, all identical")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def subset(rows: list[dict], k: int) -> list[dict]:
+    seen: dict[tuple[str, str], int] = {}
+    keep = []
+    for r in rows:
+        key = (r["category"], r["defect_type"])
+        if seen.get(key, 0) < (80 if r["label"] == 0 else 20) * k:
+            seen[key] = seen.get(key, 0) + 1
+            keep.append(r)
+    return keep
+
+
+def auroc(p, y) -> float:
+    import numpy as np
+
+    order = np.argsort(p, kind="stable")
+    ranks = np.empty(len(p))
+    ranks[order] = np.arange(1, len(p) + 1)
+    for v in np.unique(p):  # ties share their mean rank
+        tied = p == v
+        ranks[tied] = ranks[tied].mean()
+    pos = y == 1
+    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum()))
+
+
+def by_type(rows: list[dict], correct) -> dict[str, float]:
+    acc: dict[str, list[int]] = {}
+    for r, c in zip(rows, correct):
+        acc.setdefault(f'{r["category"]}/{r["defect_type"]}', []).append(int(c))
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(acc.items())}
+
+
+def cmd_job(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
+    from saec.tasks.cloud.engine import VLMScorer
+    from saec.tasks.cloud.tiny import build_tiny_qwen
+    from saec.tasks.cloud.train import train_vlm
+
+    name, seed, train_over, tiny_over, k = json.loads(args.spec)
+    draw, work = args.draw.resolve(), args.work / f"{name}_{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    sft = draw / "sft_train.jsonl"
+    train_rows = [json.loads(line) for line in open(sft)]
+    if k is not None:
+        train_rows = subset(train_rows, k)
+        sft = work / "sft_train.jsonl"
+        sft.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    tiny = TinyModelConfig(**tiny_over)
+    model = build_tiny_qwen(work / "model", tiny)
+    t0 = time.perf_counter()
+    cfg = CloudTrainConfig.tiny(model, device=args.device, progress=False, seed=seed, preprocess_workers=1,
+                                resize=tiny.image_size, **train_over)
+    summary = train_vlm(cfg, sft, None, work / "ckpt", work / "out")
+    train_s = time.perf_counter() - t0
+    scorer = VLMScorer(CloudScoreConfig(
+        model=str(model) if summary["adapter_dir"] else summary["model_dir"], adapter=summary["adapter_dir"],
+        resize=cfg.resize, batch_size=64, threshold=0.5, progress=False, device=args.device,
+        compile_vision=False, compile_language=False))
+    holdout = json.loads((draw / "holdout.json").read_text())
+    p = np.asarray(scorer.score([r["path"] for r in holdout])["p_defect"], float)
+    y = np.array([r["label"] for r in holdout])
+    pt = np.asarray(scorer.score([r["image"] for r in train_rows])["p_defect"], float)
+    yt = np.array([r["label"] for r in train_rows])
+    result = dict(
+        name=name, seed=seed, train_overrides=train_over, tiny_overrides=tiny_over, train_scale=k,
+        train_images=len(train_rows), train_s=round(train_s, 1), final_loss=summary["final_loss"],
+        holdout_acc_at_0_5=round(float(((p >= 0.5) == y).mean()), 4),
+        holdout_acc_at_0_26=round(float(((p >= 0.26) == y).mean()), 4),
+        holdout_auroc=round(auroc(p, y), 4),
+        train_acc_at_0_5=round(float(((pt >= 0.5) == yt).mean()), 4),
+        holdout_by_type_at_0_5=by_type(holdout, (p >= 0.5) == y),
+        train_by_type_at_0_5=by_type(train_rows, (pt >= 0.5) == yt),
+    )
+    (work / "result.json").write_text(json.dumps(result))
+    print("done", name, seed, result["holdout_acc_at_0_5"], result["holdout_acc_at_0_26"], flush=True)
+
+
+# --------------------------------------------------------------------------- a study
+
+
+def machine(device: str) -> dict:
+    import torch
+    import transformers
+
+    out = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+               transformers=transformers.__version__)
+    try:
+        out["peft"] = __import__("peft").__version__
+    except ImportError:
+        out["peft"] = "unavailable"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def cmd_run(args) -> None:
+    runs = STUDIES[args.study]
+    if args.only:
+        wanted = {tuple(x.split(":")) for x in args.only.split(",")}
+        runs = [r for r in runs if (r[0], str(r[1])) in wanted]
+        if len(runs) != len(wanted):
+            raise SystemExit(f"--only names runs the study does not have: {sorted(wanted)}")
+    if args.epochs:  # a quick check of the harness, not a study
+        runs = [(n, s, {**tr, "epochs": args.epochs}, ti, k) for n, s, tr, ti, k in runs]
+    work = args.work.resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    meta = json.loads((args.draw / "meta.json").read_text())
+    queue, running, t0 = list(runs), [], time.time()
+    while queue or running:
+        while queue and len(running) < args.workers:
+            run = queue.pop(0)
+            log = open(work / "logs" / f"{run[0]}_{run[1]}.log", "w")
+            cmd = [sys.executable, __file__, "job", str(args.draw), "--work", str(work), "--device", args.device,
+                   "--spec", json.dumps(run)]
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            run, proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f} s", flush=True)
+    results = []
+    for name, seed, *_ in runs:
+        path = work / f"{name}_{seed}" / "result.json"
+        results.append(json.loads(path.read_text()) if path.exists() else dict(name=name, seed=seed, failed=True))
+    record = dict(
+        study=args.study, when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine(args.device), device=args.device, workers=args.workers, epochs_override=args.epochs or None,
+        draw=dict(seed=meta["synthetic"]["seed"], scale=meta["scale"], sft_train=meta["sft_train"],
+                  holdout=meta["holdout"]),
+        wall_s=round(time.time() - t0, 1), runs=results,
+    )
+    out = args.out or RESULTS / f"cloud_recipes_{args.study}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{'run':<20} {'seed':>4} {'acc@0.5':>8} {'acc@0.26':>8} {'AUROC':>6} {'train':>6}")
+    for r in results:
+        if r.get("failed"):
+            print(f"{r['name']:<20} {r['seed']:>4} failed")
+        else:
+            print(f"{r['name']:<20} {r['seed']:>4} {r['holdout_acc_at_0_5']:>8.3f} {r['holdout_acc_at_0_26']:>8.3f} "
+                  f"{r['holdout_auroc']:>6.3f} {r['train_acc_at_0_5']:>6.3f}")
+    print("wrote", out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("draw", help="render a synthetic draw and its SFT split")
+    d.add_argument("draw", type=Path)
+    d.add_argument("--seed", type=int, default=31)
+    d.add_argument("--scale", type=int, default=1, help="multiplies the embedded default's image counts")
+    g = sub.add_parser("regen", help="render a draw's images again from its meta.json and check them")
+    g.add_argument("draw", type=Path)
+    r = sub.add_parser("run", help="run a study on a draw")
+    r.add_argument("draw", type=Path)
+    r.add_argument("--study", choices=sorted(STUDIES), required=True)
+    r.add_argument("--only", default="", help="comma-separated name:seed runs of the study")
+    r.add_argument("--epochs", type=int, default=0, help="train every run this many epochs (a quick check)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    r.add_argument("--work", type=Path, default=Path("/tmp/saec-recipes"))
+    r.add_argument("--out", type=Path, default=None)
+    j = sub.add_parser("job")
+    j.add_argument("draw", type=Path)
+    j.add_argument("--work", type=Path, required=True)
+    j.add_argument("--device", default="cpu")
+    j.add_argument("--spec", required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dict(draw=cmd_draw, regen=cmd_regen, run=cmd_run, job=cmd_job)[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
