@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 rates[name].append(round(run_steps(cfg, sft, args.steps, args.threads, name != "inline"), 1))
         summary = train_vlm(cfg, sft, None, work / "work", work / "out")
         log = read_table(work / "out" / "train_log.parquet")
-        train_vlm_rate = float(log.images.iloc[2:].sum() / log.step_seconds.iloc[2:].sum())
+        timed = log.iloc[2:]  # after two warm-up steps, as run_steps times; none left for --steps 2 or fewer
+        train_vlm_rate = float(timed.images.sum() / timed.step_seconds.sum()) if len(timed) else None
 
         best = {k: max(v) for k, v in rates.items()}
         record = {
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             "images_per_s": rates,
             "best_images_per_s": best,
             "inline_over_prefetch": round(best["inline"] / best["prefetch_threads"], 2),
-            "train_vlm_images_per_s": round(train_vlm_rate, 1),
+            "train_vlm_images_per_s": None if train_vlm_rate is None else round(train_vlm_rate, 1),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ run on one machine:
     `answer_loss`, prefetched data, fast path), images/s and peak memory.
 
     python benchmarks/cloud_gpu.py                    # on the GPU machine
-    python benchmarks/cloud_gpu.py --smoke            # reduced depth/width, CPU, seconds
+    python benchmarks/cloud_gpu.py --smoke            # reduced depth/width, few images, CPU: a code check
 
 Writes benchmarks/results/cloud_h200.json (after every section) and prints a table.
 """
@@ -81,6 +81,10 @@ SMOKE_VISION = dict(depth=2, fullatt_block_indexes=[1], out_hidden_size=256, hid
                     intermediate_size=856, num_heads=4)
 SMOKE_LLAVA_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=4)
+# what --smoke scores and trains: a few images, one small batch each, no compilation
+SMOKE_ARGS = dict(sizes="448", batches="4", plain_batches="4", llava_batches="4", compile_batches="4",
+                  variants="fast", breakdown_batch=4, images=8, plain_images=8, source_px=256, reps=1,
+                  train_batches="2:0,2:1", train_plain_batch=2, train_steps=2)
 SMOKE_LLAVA_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -631,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-steps", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="reduced depth and width on the CPU (a code check)")
     args = ap.parse_args(argv)
+    if args.smoke:  # small counts too, so the check takes seconds; flags given explicitly still win
+        ap.set_defaults(**SMOKE_ARGS)
+        args = ap.parse_args(argv)
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"

@@ -1,0 +1,112 @@
+"""The benchmark scripts run end to end in their smallest settings and write the results they promise.
+
+Nothing else exercises them, and they call the project's internals directly, so a change there
+can break one silently. These are code checks, not measurements: no speed is asserted.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_MODELS
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_edge_cpu_benchmark(tmp_path):
+    out = tmp_path / "edge.json"
+    bench("edge_cpu.py", "--n", "16", "--imgsz", "128", "--repeats", "1", "--work", str(tmp_path / "w"),
+          "--out", str(out))
+    rec = json.loads(out.read_text())
+    (row,) = rec["results"]
+    assert row["imgsz"] == 128 and row["n_images"] == 16
+    assert row["baseline_images_per_s"] > 0 and row["ours_images_per_s"] > 0
+    # the exported graph must give the same verdicts as plain Ultralytics on every image
+    assert row["verdict_agreement_vs_baseline"] == 1.0
+    assert rec["machine"]["cpu"]
+
+
+def test_cloud_cpu_train_benchmark(tmp_path):
+    out = tmp_path / "train.json"
+    bench("cloud_cpu_train.py", "--steps", "3", "--repeats", "1", "--out", str(out))
+    rec = json.loads(out.read_text())
+    assert set(rec["best_images_per_s"]) == {"inline", "prefetch_threads"}
+    assert all(v > 0 for v in rec["best_images_per_s"].values())
+    assert rec["steps"] == 3 and rec["train_vlm_images_per_s"] > 0
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED_MODELS / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file()
+                    or not (SHARED_MODELS / "llava-1.5-7b-hf" / "config.json").is_file(),
+                    reason=f"weightless model folders not found under {SHARED_MODELS}")
+def test_cloud_gpu_benchmark_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    bench("cloud_gpu.py", "--smoke", "--models", str(SHARED_MODELS), "--out", str(out))
+    rec = json.loads(out.read_text())
+    assert rec["errors"] == []
+    assert {r["variant"] for r in rec["scoring"]} >= {"plain", "fast"}
+    assert {r["variant"] for r in rec["training"]} == {"qlora_nf4_fast", "plain_hf_lora_bf16"}
+    # the engine's fast path scores what the plain forward scores
+    assert all(r["p_defect_max_abs_diff_fast_vs_plain"] < 1e-4 for r in rec["numerics"])
+
+
+def test_recipe_study_runs_are_valid_configs(tmp_path):
+    from benchmarks.cloud_recipes import STUDIES
+    from saec.tasks.cloud.config import CloudTrainConfig, TinyModelConfig
+
+    for study, runs in STUDIES.items():
+        assert len({(r[0], r[1]) for r in runs}) == len(runs), f"{study} names a run twice"
+        for name, seed, train_over, tiny_over, k in runs:
+            tiny = TinyModelConfig(**tiny_over)
+            CloudTrainConfig.tiny(tmp_path, seed=seed, resize=tiny.image_size, **train_over)
+            assert k in (None, 1, 2, 4)
+
+
+def test_recipe_study_draw_regen_and_run(tmp_path):
+    from benchmarks.cloud_recipes import subset
+
+    draw = tmp_path / "draw"
+    bench("cloud_recipes.py", "draw", str(draw), "--categories", "carpet")
+    meta = json.loads((draw / "meta.json").read_text())
+    assert meta["synthetic"]["seed"] == 31 and meta["synthetic"]["categories"] == ["carpet"]
+    assert (meta["sft_train"], meta["holdout"], meta["holdout_defects"]) == (160, 160, 80)
+
+    # re-rendering reproduces every listed file byte for byte ...
+    assert "all identical" in bench("cloud_recipes.py", "regen", str(draw)).stdout
+    # ... and says so when it does not
+    meta["synthetic"]["seed"] = 32
+    (draw / "meta.json").write_text(json.dumps(meta))
+    bad = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "regen", str(draw)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "differ from the draw's lists" in bad.stderr
+    meta["synthetic"]["seed"] = 31
+    (draw / "meta.json").write_text(json.dumps(meta))
+    bench("cloud_recipes.py", "regen", str(draw))
+
+    out = tmp_path / "study.json"
+    bench("cloud_recipes.py", "run", str(draw), "--study", "data", "--only", "x1_24ep:42", "--epochs", "1",
+          "--workers", "1", "--work", str(tmp_path / "work"), "--out", str(out))
+    rec = json.loads(out.read_text())
+    assert rec["epochs_override"] == 1 and rec["draw"]["holdout"] == 160
+    (run,) = rec["runs"]
+    assert run["name"] == "x1_24ep" and run["train_overrides"] == {"epochs": 1}
+    # scale 1 keeps at most 80 goods per category and 20 images per defect type of the SFT list
+    listed = [json.loads(line) for line in open(draw / "sft_train.jsonl")]
+    assert run["train_images"] == len(subset(listed, 1)) < len(listed) == 160
+    for key in ("holdout_acc_at_0_5", "holdout_acc_at_0_26", "holdout_auroc", "train_acc_at_0_5"):
+        assert 0.0 <= run[key] <= 1.0
+    assert set(run["holdout_by_type_at_0_5"]) == {"carpet/good", "carpet/color", "carpet/cut", "carpet/hole",
+                                                  "carpet/thread"}
