@@ -11,11 +11,14 @@ so no recipe is chosen on the holdout the pipeline reports.
     # a study on it (writes benchmarks/results/cloud_recipes_<study>.json)
     python benchmarks/cloud_recipes.py run /tmp/recipes/draw31 --study depth --device cuda --workers 10
 
-`draw` needs the project's full environment; `run` needs only the cloud branch (torch,
-transformers, peft), as on a bare GPU machine. A draw too large to copy can be re-rendered
-where it runs: `regen DRAW` draws the images again from the draw's meta.json and checks every
-file against the SFT and holdout lists (an image's id is the SHA-256 of its bytes). Paths in
-those lists are absolute, so re-render at the same path.
+`draw` needs the project's full environment. `run` needs the cloud branch's packages (torch,
+transformers, peft, pydantic, pandas, pyarrow, Pillow) but not Prefect or Ultralytics, so it runs
+on a bare GPU machine; `regen` needs pydantic, NumPy, Pillow and OpenCV. A draw too large to copy
+can be re-rendered where it runs: `regen DRAW` draws the images again from the draw's meta.json
+and checks every file against the SFT and holdout lists (an image's id is the SHA-256 of its
+bytes). Paths in those lists are absolute, so re-render at the same path. Every run starts from
+scratch in its own folder under `--work`; a run that fails is recorded as failed and makes
+`run` exit non-zero.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,9 +42,6 @@ except ModuleNotFoundError:
     import saec
 
     saec.__path__.append(str(ROOT))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -105,6 +106,10 @@ def cmd_regen(args) -> None:
     generate_mvtec(out / "mvtec_ad", SyntheticConfig(**meta["synthetic"]), overwrite=True)
     listed = {r["image"]: r["image_id"] for r in map(json.loads, open(out / "sft_train.jsonl"))}
     listed.update({r["path"]: r["image_id"] for r in json.loads((out / "holdout.json").read_text())})
+    missing = [p for p in listed if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} of {len(listed)} listed images were not rendered, e.g. {missing[0]}: "
+                         "the lists name other paths (re-render at the path the draw was made at)")
     bad = [p for p, digest in listed.items() if hashlib.sha256(Path(p).read_bytes()).hexdigest() != digest]
     if bad:
         raise SystemExit(f"{len(bad)} of {len(listed)} images differ from the draw's lists, e.g. {bad[0]}")
@@ -125,7 +130,7 @@ def subset(rows: list[dict], k: int) -> list[dict]:
     return keep
 
 
-def auroc(p, y) -> float:
+def auroc(p, y) -> float | None:
     import numpy as np
 
     order = np.argsort(p, kind="stable")
@@ -135,6 +140,8 @@ def auroc(p, y) -> float:
         tied = p == v
         ranks[tied] = ranks[tied].mean()
     pos = y == 1
+    if pos.all() or not pos.any():
+        return None  # undefined with one class
     return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum()))
 
 
@@ -157,7 +164,8 @@ def cmd_job(args) -> None:
 
     name, seed, train_over, tiny_over, k = json.loads(args.spec)
     draw, work = args.draw.resolve(), args.work / f"{name}_{seed}"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # never resume or report an earlier run's training
+    work.mkdir(parents=True)
     sft = draw / "sft_train.jsonl"
     train_rows = [json.loads(line) for line in open(sft)]
     if k is not None:
@@ -185,7 +193,7 @@ def cmd_job(args) -> None:
         train_images=len(train_rows), train_s=round(train_s, 1), final_loss=summary["final_loss"],
         holdout_acc_at_0_5=round(float(((p >= 0.5) == y).mean()), 4),
         holdout_acc_at_0_26=round(float(((p >= 0.26) == y).mean()), 4),
-        holdout_auroc=round(auroc(p, y), 4),
+        holdout_auroc=None if (auc := auroc(p, y)) is None else round(auc, 4),
         train_acc_at_0_5=round(float(((pt >= 0.5) == yt).mean()), 4),
         holdout_by_type_at_0_5=by_type(holdout, (p >= 0.5) == y),
         train_by_type_at_0_5=by_type(train_rows, (pt >= 0.5) == yt),
@@ -201,6 +209,9 @@ def machine(device: str) -> dict:
     import torch
     import transformers
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_model  # benchmarks/machine.py
+
     out = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                transformers=transformers.__version__)
     try:
@@ -215,16 +226,18 @@ def machine(device: str) -> dict:
 def cmd_run(args) -> None:
     runs = STUDIES[args.study]
     if args.only:
-        wanted = {tuple(x.split(":")) for x in args.only.split(",")}
+        wanted = {tuple(x.strip().split(":")) for x in args.only.split(",") if x.strip()}
+        unknown = wanted - {(r[0], str(r[1])) for r in runs}
+        if unknown:
+            raise SystemExit(f"--only: the {args.study} study has no run {', '.join(':'.join(u) for u in sorted(unknown))}")
         runs = [r for r in runs if (r[0], str(r[1])) in wanted]
-        if len(runs) != len(wanted):
-            raise SystemExit(f"--only names runs the study does not have: {sorted(wanted)}")
     if args.epochs:  # a quick check of the harness, not a study
         runs = [(n, s, {**tr, "epochs": args.epochs}, ti, k) for n, s, tr, ti, k in runs]
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     meta = json.loads((args.draw / "meta.json").read_text())
     queue, running, t0 = list(runs), [], time.time()
+    exits: dict[tuple[str, int], int] = {}
     while queue or running:
         while queue and len(running) < args.workers:
             run = queue.pop(0)
@@ -238,11 +251,15 @@ def cmd_run(args) -> None:
             if proc.poll() is not None:
                 running.remove(item)
                 log.close()
+                exits[run[0], run[1]] = proc.returncode
                 print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f} s", flush=True)
     results = []
     for name, seed, *_ in runs:
         path = work / f"{name}_{seed}" / "result.json"
-        results.append(json.loads(path.read_text()) if path.exists() else dict(name=name, seed=seed, failed=True))
+        if exits[name, seed] == 0 and path.exists():
+            results.append(json.loads(path.read_text()))
+        else:
+            results.append(dict(name=name, seed=seed, failed=True, log=str(work / "logs" / f"{name}_{seed}.log")))
     record = dict(
         study=args.study, when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine=machine(args.device), device=args.device, workers=args.workers, epochs_override=args.epochs or None,
@@ -258,9 +275,13 @@ def cmd_run(args) -> None:
         if r.get("failed"):
             print(f"{r['name']:<20} {r['seed']:>4} failed")
         else:
+            auc = "n/a" if r["holdout_auroc"] is None else f"{r['holdout_auroc']:.3f}"
             print(f"{r['name']:<20} {r['seed']:>4} {r['holdout_acc_at_0_5']:>8.3f} {r['holdout_acc_at_0_26']:>8.3f} "
-                  f"{r['holdout_auroc']:>6.3f} {r['train_acc_at_0_5']:>6.3f}")
+                  f"{auc:>6} {r['train_acc_at_0_5']:>6.3f}")
     print("wrote", out)
+    failed = [f"{r['name']}:{r['seed']}" for r in results if r.get("failed")]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are under {work / 'logs'}")
 
 
 def main(argv: list[str] | None = None) -> None:

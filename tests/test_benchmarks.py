@@ -5,18 +5,25 @@ can break one silently. These are code checks, not measurements: no speed is ass
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
-from tests.conftest import SHARED_MODELS
-
+SHARED_MODELS = SHARED / "models"
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-pytestmark = pytest.mark.slow
+
+def recipes_module():
+    """benchmarks/cloud_recipes.py, loaded from its file (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("saec_bench_cloud_recipes", BENCH / "cloud_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -26,6 +33,7 @@ def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
     return proc
 
 
+@pytest.mark.slow
 def test_edge_cpu_benchmark(tmp_path):
     out = tmp_path / "edge.json"
     bench("edge_cpu.py", "--n", "16", "--imgsz", "128", "--repeats", "1", "--work", str(tmp_path / "w"),
@@ -39,6 +47,7 @@ def test_edge_cpu_benchmark(tmp_path):
     assert rec["machine"]["cpu"]
 
 
+@pytest.mark.slow
 def test_cloud_cpu_train_benchmark(tmp_path):
     out = tmp_path / "train.json"
     bench("cloud_cpu_train.py", "--steps", "3", "--repeats", "1", "--out", str(out))
@@ -48,6 +57,7 @@ def test_cloud_cpu_train_benchmark(tmp_path):
     assert rec["steps"] == 3 and rec["train_vlm_images_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.skipif(not (SHARED_MODELS / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file()
                     or not (SHARED_MODELS / "llava-1.5-7b-hf" / "config.json").is_file(),
@@ -64,10 +74,9 @@ def test_cloud_gpu_benchmark_smoke(tmp_path):
 
 
 def test_recipe_study_runs_are_valid_configs(tmp_path):
-    from benchmarks.cloud_recipes import STUDIES
     from saec.tasks.cloud.config import CloudTrainConfig, TinyModelConfig
 
-    for study, runs in STUDIES.items():
+    for study, runs in recipes_module().STUDIES.items():
         assert len({(r[0], r[1]) for r in runs}) == len(runs), f"{study} names a run twice"
         for name, seed, train_over, tiny_over, k in runs:
             tiny = TinyModelConfig(**tiny_over)
@@ -75,8 +84,9 @@ def test_recipe_study_runs_are_valid_configs(tmp_path):
             assert k in (None, 1, 2, 4)
 
 
+@pytest.mark.slow
 def test_recipe_study_draw_regen_and_run(tmp_path):
-    from benchmarks.cloud_recipes import subset
+    subset = recipes_module().subset
 
     draw = tmp_path / "draw"
     bench("cloud_recipes.py", "draw", str(draw), "--categories", "carpet")
@@ -108,5 +118,15 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     assert run["train_images"] == len(subset(listed, 1)) < len(listed) == 160
     for key in ("holdout_acc_at_0_5", "holdout_acc_at_0_26", "holdout_auroc", "train_acc_at_0_5"):
         assert 0.0 <= run[key] <= 1.0
+    # a run that fails is recorded as failed, and the study exits non-zero
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text((draw / "meta.json").read_text())  # no SFT or holdout list
+    out2 = tmp_path / "study2.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "run", str(broken), "--study", "data",
+                           "--only", "x1_24ep:7", "--work", str(tmp_path / "work"), "--out", str(out2)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "1 run(s) failed: x1_24ep:7" in proc.stderr
+    assert json.loads(out2.read_text())["runs"][0]["failed"] is True
     assert set(run["holdout_by_type_at_0_5"]) == {"carpet/good", "carpet/color", "carpet/cut", "carpet/hole",
                                                   "carpet/thread"}
