@@ -227,6 +227,9 @@ def machine(device: str) -> dict:
 
 
 def cmd_run(args) -> None:
+    if args.out is None and (args.only or args.epochs):
+        raise SystemExit("--only and --epochs run part of a study: name its results file with --out "
+                         "(the default is the whole study's committed file)")
     runs = STUDIES[args.study]
     if args.only:
         wanted = {tuple(x.strip().split(":")) for x in args.only.split(",") if x.strip()}

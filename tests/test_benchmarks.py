@@ -106,6 +106,11 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     (draw / "meta.json").write_text(json.dumps(meta))
     bench("cloud_recipes.py", "regen", str(draw))
 
+    # part of a study never lands in the study's committed results file by default
+    partial = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "run", str(draw), "--study", "data",
+                              "--only", "x1_24ep:42"], capture_output=True, text=True, timeout=300)
+    assert partial.returncode != 0 and "name its results file with --out" in partial.stderr
+
     out = tmp_path / "study.json"
     bench("cloud_recipes.py", "run", str(draw), "--study", "data", "--only", "x1_24ep:42", "--epochs", "1",
           "--workers", "1", "--work", str(tmp_path / "work"), "--out", str(out))
