@@ -133,21 +133,6 @@ def subset(rows: list[dict], k: int) -> list[dict]:
     return keep
 
 
-def auroc(p, y) -> float | None:
-    import numpy as np
-
-    order = np.argsort(p, kind="stable")
-    ranks = np.empty(len(p))
-    ranks[order] = np.arange(1, len(p) + 1)
-    for v in np.unique(p):  # ties share their mean rank
-        tied = p == v
-        ranks[tied] = ranks[tied].mean()
-    pos = y == 1
-    if pos.all() or not pos.any():
-        return None  # undefined with one class
-    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum()))
-
-
 def by_type(rows: list[dict], correct) -> dict[str, float]:
     acc: dict[str, list[int]] = {}
     for r, c in zip(rows, correct):
@@ -164,6 +149,7 @@ def cmd_job(args) -> None:
     from saec.tasks.cloud.engine import VLMScorer
     from saec.tasks.cloud.tiny import build_tiny_qwen
     from saec.tasks.cloud.train import train_vlm
+    from saec.tasks.metrics import auroc
 
     name, seed, train_over, tiny_over, k = json.loads(args.spec)
     draw, work = args.draw.resolve(), args.work / f"{name}_{seed}"
@@ -196,7 +182,7 @@ def cmd_job(args) -> None:
         train_images=len(train_rows), train_s=round(train_s, 1), final_loss=summary["final_loss"],
         holdout_acc_at_0_5=round(float(((p >= 0.5) == y).mean()), 4),
         holdout_acc_at_0_26=round(float(((p >= 0.26) == y).mean()), 4),
-        holdout_auroc=None if (auc := auroc(p, y)) is None else round(auc, 4),
+        holdout_auroc=None if (auc := auroc(y, p)) is None else round(auc, 4),
         train_acc_at_0_5=round(float(((pt >= 0.5) == yt).mean()), 4),
         holdout_by_type_at_0_5=by_type(holdout, (p >= 0.5) == y),
         train_by_type_at_0_5=by_type(train_rows, (pt >= 0.5) == yt),

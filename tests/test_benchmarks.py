@@ -26,10 +26,14 @@ def recipes_module():
     return module
 
 
-def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def bench(script: str, *args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a benchmark script; it must succeed (or, with ok=False, must fail)."""
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if ok:
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    else:
+        assert proc.returncode != 0, f"{script} succeeded where it should fail:\n{proc.stdout[-3000:]}"
     return proc
 
 
@@ -99,17 +103,14 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     # ... and says so when it does not
     meta["synthetic"]["seed"] = 32
     (draw / "meta.json").write_text(json.dumps(meta))
-    bad = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "regen", str(draw)],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "differ from the draw's lists" in bad.stderr
+    assert "differ from the draw's lists" in bench("cloud_recipes.py", "regen", str(draw), ok=False).stderr
     meta["synthetic"]["seed"] = 31
     (draw / "meta.json").write_text(json.dumps(meta))
     bench("cloud_recipes.py", "regen", str(draw))
 
     # part of a study never lands in the study's committed results file by default
-    partial = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "run", str(draw), "--study", "data",
-                              "--only", "x1_24ep:42"], capture_output=True, text=True, timeout=300)
-    assert partial.returncode != 0 and "name its results file with --out" in partial.stderr
+    partial = bench("cloud_recipes.py", "run", str(draw), "--study", "data", "--only", "x1_24ep:42", ok=False)
+    assert "name its results file with --out" in partial.stderr
 
     out = tmp_path / "study.json"
     bench("cloud_recipes.py", "run", str(draw), "--study", "data", "--only", "x1_24ep:42", "--epochs", "1",
@@ -128,10 +129,9 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     broken.mkdir()
     (broken / "meta.json").write_text((draw / "meta.json").read_text())  # no SFT or holdout list
     out2 = tmp_path / "study2.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "cloud_recipes.py"), "run", str(broken), "--study", "data",
-                           "--only", "x1_24ep:7", "--work", str(tmp_path / "work"), "--out", str(out2)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "1 run(s) failed: x1_24ep:7" in proc.stderr
+    failed = bench("cloud_recipes.py", "run", str(broken), "--study", "data", "--only", "x1_24ep:7",
+                   "--work", str(tmp_path / "work"), "--out", str(out2), ok=False)
+    assert "1 run(s) failed: x1_24ep:7" in failed.stderr
     assert json.loads(out2.read_text())["runs"][0]["failed"] is True
     assert set(run["holdout_by_type_at_0_5"]) == {"carpet/good", "carpet/color", "carpet/cut", "carpet/hole",
                                                   "carpet/thread"}
