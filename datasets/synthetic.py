@@ -59,12 +59,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-# OpenCV chooses each kernel's widest SIMD build when it loads, and its AVX-512 builds round some
-# filters differently from its AVX2 builds: the same seed would draw other pixels on an AVX-512
-# machine. Holding OpenCV at AVX2 keeps the images identical across x86-64 machines. The variable
-# is read once, when cv2 is first imported; `saec.env` sets the same default for that reason.
-os.environ.setdefault("OPENCV_CPU_DISABLE", "AVX512_SKX")
-import cv2  # noqa: E402
+import cv2
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator

@@ -24,15 +24,12 @@ def configure_offline(home: Path | None = None) -> None:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         # Prefect allows its ephemeral server 20 s to start; the first start after installing
-        # (nothing byte-compiled yet) can take longer than that on a small machine.
+        # (its database created and migrated) can take longer than that on a small machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        # OpenCV's AVX-512 kernels round some filters differently from its AVX2 ones; the synthetic
-        # data must not depend on the CPU (saec.datasets.synthetic).
-        "OPENCV_CPU_DISABLE": "AVX512_SKX",
         "YOLO_OFFLINE": "1",
         "YOLO_AUTOINSTALL": "0",
         "YOLO_VERBOSE": "False",

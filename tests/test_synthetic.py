@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -289,10 +286,13 @@ REFERENCE_DIGESTS = {
     "ksdd2/1/0": "6d3351b7aaafb429",
     "ksdd2/1/1": "1ffe971ac4eacfc2",
 }
-# hash_tree of generate_all(SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)) with
-# OpenCV held at AVX2 (OPENCV_CPU_DISABLE=AVX512_SKX, as the generator sets it): the same on every
-# x86-64 machine with AVX2. OpenCV's AVX-512 kernels give other bytes here (48414e08...).
-REFERENCE_SMALL_TREE = "7f5035d77d3e1ebb1c8a0b17d86ae14e334af2ddd907537fe4a48550a8fa2116"
+# hash_tree of generate_all(SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)), same origin.
+# The files differ by a few pixels between CPU families (with the same OpenCV and NumPy): one hash
+# was seen on Intel Xeon machines with AVX-512, the other on an AMD EPYC machine with AVX2 only.
+REFERENCE_SMALL_TREES = {
+    "48414e0847e704f85f3a96bf1b042184134934db860e1e7efe918d7aa0b04ea6",  # Intel Xeon, AVX-512
+    "7f5035d77d3e1ebb1c8a0b17d86ae14e334af2ddd907537fe4a48550a8fa2116",  # AMD EPYC, AVX2
+}
 
 
 def _digest(smp) -> str:
@@ -309,17 +309,6 @@ def _change(smp) -> np.ndarray:
     return diff.max(axis=2) if diff.ndim == 3 else diff
 
 
-def test_generator_holds_opencv_below_avx512() -> None:
-    """Imported first in a fresh process, the generator turns OpenCV's AVX-512 kernels off before cv2 loads."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENCV_CPU_DISABLE"}
-    code = ("import os, saec.datasets.synthetic, cv2; "
-            "print(os.environ['OPENCV_CPU_DISABLE']); print(cv2.getCPUFeaturesLine())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    setting, features = out.splitlines()
-    assert setting == "AVX512_SKX"
-    assert "AVX512-SKX" not in features.replace("AVX512-SKX?", "")  # listed, if at all, as not in use
-
-
 def test_reference_visibility_reproduces_earlier_output_bit_for_bit(tmp_path: Path) -> None:
     got = {}
     for cat in sorted(CATEGORIES):
@@ -334,7 +323,7 @@ def test_reference_visibility_reproduces_earlier_output_bit_for_bit(tmp_path: Pa
     cfg = SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL)
     assert cfg.defect_visibility == 1.0
     generate_all(tmp_path / "ref", cfg)
-    assert hash_tree(tmp_path / "ref") == REFERENCE_SMALL_TREE
+    assert hash_tree(tmp_path / "ref") in REFERENCE_SMALL_TREES
 
 
 def test_visibility_is_validated() -> None:
@@ -381,7 +370,7 @@ def test_visibility_does_not_touch_goods_and_is_deterministic(tmp_path: Path) ->
     generate_all(tmp_path / "a", cfg, workers=1)
     generate_all(tmp_path / "b", cfg, workers=3)
     assert hash_tree(tmp_path / "a") == hash_tree(tmp_path / "b")
-    assert hash_tree(tmp_path / "a") != REFERENCE_SMALL_TREE
+    assert hash_tree(tmp_path / "a") not in REFERENCE_SMALL_TREES
     # the goods are the same files as at the reference visibility; only defect images and masks differ
     generate_all(tmp_path / "ref", SyntheticConfig(mvtec_size=128, ksdd2_size=(58, 160), **SMALL))
     for rel in ("mvtec_ad/ring/train/good/000.png", "mvtec_ad/carpet/test/good/001.png"):
