@@ -101,12 +101,12 @@ CLOUD_SCORES = pa.schema(
         ("threshold", _f64),
         ("logit_0", _f32),  # next-token logit of "0"; with TTA the mean summed log-prob of "Label: 0"
         ("logit_1", _f32),
-        ("score_kind", _str),  # "label_logit" | "answer_logprob_mean"
+        ("score_kind", _str),  # "label_logit" | "label_logit_mean" (dihedral) | "answer_logprob_mean" (five_crop)
         ("family", _str),  # "qwen2_5_vl" | "llava"
         ("model_id", _str),  # identity of the base model (config + weights)
         ("adapter_id", _str),  # content hash of the adapter folder; null without one
         ("impl", _str),  # "reference" | "fast"
-        ("tta", _str),  # "none" | "five_crop"
+        ("tta", _str),  # "none" | "five_crop" | "dihedral", per row
         ("resize", _i32),  # square side before the processor; -1 = original size
         ("width", _i32),  # image size given to the processor (first crop with TTA)
         ("height", _i32),

@@ -68,6 +68,11 @@ STUDIES: dict[str, list[Run]] = {
     ] for s in (42, 7)]
     # and four times the steps as well: about 15 minutes of training on a 2-core CPU
     + [("x4_24ep", 42, {}, {}, 4)],
+    # an average of the trained weights instead of the last step's, on a draw at the embedded counts
+    # (every run is also scored with the eight flips and turns on the orientation-free categories)
+    "average": [(n, s, tr, {}, None) for n, tr in [
+        ("default", {}), ("ema_0.995", {"ema_decay": 0.995}), ("ema_0.998", {"ema_decay": 0.998}),
+    ] for s in (42, 7, 3)],
 }
 
 
@@ -175,6 +180,10 @@ def cmd_job(args) -> None:
     holdout = json.loads((draw / "holdout.json").read_text())
     p = np.asarray(scorer.score([r["path"] for r in holdout])["p_defect"], float)
     y = np.array([r["label"] for r in holdout])
+    # the same model with test-time flips and turns where training turned the images too
+    turned = np.array([cfg.augment_categories is None or r["category"] in cfg.augment_categories for r in holdout])
+    p_tta = p.copy()
+    p_tta[turned] = scorer.score([r["path"] for r, t in zip(holdout, turned) if t], tta="dihedral")["p_defect"]
     pt = np.asarray(scorer.score([r["image"] for r in train_rows])["p_defect"], float)
     yt = np.array([r["label"] for r in train_rows])
     result = dict(
@@ -184,11 +193,16 @@ def cmd_job(args) -> None:
         holdout_acc_at_0_26=round(float(((p >= 0.26) == y).mean()), 4),
         holdout_auroc=None if (auc := auroc(y, p)) is None else round(auc, 4),
         train_acc_at_0_5=round(float(((pt >= 0.5) == yt).mean()), 4),
+        holdout_tta_acc_at_0_5=round(float(((p_tta >= 0.5) == y).mean()), 4),
+        holdout_tta_acc_at_0_26=round(float(((p_tta >= 0.26) == y).mean()), 4),
+        holdout_tta_auroc=None if (auc := auroc(y, p_tta)) is None else round(auc, 4),
         holdout_by_type_at_0_5=by_type(holdout, (p >= 0.5) == y),
         train_by_type_at_0_5=by_type(train_rows, (pt >= 0.5) == yt),
+        holdout_tta_by_type_at_0_5=by_type(holdout, (p_tta >= 0.5) == y),
     )
     (work / "result.json").write_text(json.dumps(result))
-    print("done", name, seed, result["holdout_acc_at_0_5"], result["holdout_acc_at_0_26"], flush=True)
+    print("done", name, seed, result["holdout_acc_at_0_5"], result["holdout_acc_at_0_26"],
+          "tta", result["holdout_tta_acc_at_0_5"], result["holdout_tta_acc_at_0_26"], flush=True)
 
 
 # --------------------------------------------------------------------------- a study
@@ -264,14 +278,16 @@ def cmd_run(args) -> None:
     out = args.out or RESULTS / f"cloud_recipes_{args.study}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{'run':<20} {'seed':>4} {'acc@0.5':>8} {'acc@0.26':>8} {'AUROC':>6} {'train':>6}")
+    print(f"{'run':<20} {'seed':>4} {'acc@0.5':>8} {'acc@0.26':>8} {'AUROC':>6} {'train':>6} {'tta@0.5':>8} {'tta@0.26':>8}")
     for r in results:
         if r.get("failed"):
             print(f"{r['name']:<20} {r['seed']:>4} failed")
         else:
             auc = "n/a" if r["holdout_auroc"] is None else f"{r['holdout_auroc']:.3f}"
+            tta = (f"{r['holdout_tta_acc_at_0_5']:>8.3f} {r['holdout_tta_acc_at_0_26']:>8.3f}"
+                   if "holdout_tta_acc_at_0_5" in r else "")
             print(f"{r['name']:<20} {r['seed']:>4} {r['holdout_acc_at_0_5']:>8.3f} {r['holdout_acc_at_0_26']:>8.3f} "
-                  f"{auc:>6} {r['train_acc_at_0_5']:>6.3f}")
+                  f"{auc:>6} {r['train_acc_at_0_5']:>6.3f} {tta}")
     print("wrote", out)
     failed = [f"{r['name']}:{r['seed']}" for r in results if r.get("failed")]
     if failed:

@@ -122,8 +122,10 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     # scale 1 keeps at most 80 goods per category and 20 images per defect type of the SFT list
     listed = [json.loads(line) for line in open(draw / "sft_train.jsonl")]
     assert run["train_images"] == len(subset(listed, 1)) < len(listed) == 160
-    for key in ("holdout_acc_at_0_5", "holdout_acc_at_0_26", "holdout_auroc", "train_acc_at_0_5"):
+    for key in ("holdout_acc_at_0_5", "holdout_acc_at_0_26", "holdout_auroc", "train_acc_at_0_5",
+                "holdout_tta_acc_at_0_5", "holdout_tta_acc_at_0_26", "holdout_tta_auroc"):
         assert 0.0 <= run[key] <= 1.0
+    assert set(run["holdout_tta_by_type_at_0_5"]) == set(run["holdout_by_type_at_0_5"])  # a carpet-only draw
     # a run that fails is recorded as failed, and the study exits non-zero
     broken = tmp_path / "broken"
     broken.mkdir()

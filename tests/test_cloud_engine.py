@@ -17,7 +17,7 @@ from saec.prompts import ANSWER_PREFIX, chat_messages  # noqa: E402
 from saec.tasks.cloud.config import CloudScoreConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
 from saec.tasks.cloud.engine import VLMScorer, build_prompt_spec, encode, last_real_index  # noqa: E402
 from saec.tasks.cloud.explain import STATUS_INVALID, STATUS_OK, parse_explanation  # noqa: E402
-from saec.tasks.cloud.images import UnreadableImageError, five_crops, load_rgb  # noqa: E402
+from saec.tasks.cloud.images import UnreadableImageError, dihedral_views, five_crops, load_rgb  # noqa: E402
 from saec.tasks.cloud.models import ModelLoadError, load_vlm, model_identity, weight_files  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
 
@@ -285,6 +285,48 @@ def test_five_crop_tta_fast_equals_reference(tiny, images, tmp_path):
     per_crop = fast.score(crop_paths)
     np.testing.assert_allclose(per_crop["logit_0"].mean(), a["logit_0"][0], rtol=1e-5)
     np.testing.assert_allclose(per_crop["logit_1"].mean(), a["logit_1"][0], rtol=1e-5)
+
+
+def test_dihedral_tta_is_the_mean_over_flips_and_turns(tiny, images, tmp_path):
+    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta="dihedral", progress=False))
+    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=2, tta="dihedral", impl="reference",
+                                     progress=False), loaded=fast.loaded)
+    a, b = fast.score(images[:4]), ref.score(images[:4])
+    np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-5)
+    np.testing.assert_allclose(a["logit_1"], b["logit_1"], rtol=1e-4, atol=1e-5)
+    # one image's score = the mean label logits of its eight views, each scored on its own
+    view_paths = []
+    for i, view in enumerate(dihedral_views(load_rgb(images[0], 56))):
+        view.save(tmp_path / f"view{i}.png")
+        view_paths.append(tmp_path / f"view{i}.png")
+    per_view = fast.score(view_paths, tta="none")
+    assert np.ptp(per_view["logit_1"] - per_view["logit_0"]) > 1e-4  # the views do score differently
+    np.testing.assert_allclose(per_view["logit_0"].mean(), a["logit_0"][0], rtol=1e-5)
+    np.testing.assert_allclose(per_view["logit_1"].mean(), a["logit_1"][0], rtol=1e-5)
+    np.testing.assert_allclose(per_view["logit_0"][0], fast.score(images[:1], tta="none")["logit_0"][0], rtol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        fast.score(images[:1], tta="ten_crop")
+
+
+def test_manifest_tta_applies_to_the_listed_categories_only(tiny, images, tmp_path):
+    import pandas as pd
+
+    scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta="dihedral",
+                                        tta_categories=("grid",), progress=False))
+    paths = [str(p) for p in images[:5]]
+    category = ["grid", "capsule", "grid", "capsule", "grid"]
+    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(5)], "path": paths, "category": category})
+    info = scorer.score_manifest(manifest, tmp_path / "scores.parquet")
+    table = read_table(tmp_path / "scores.parquet")
+    grid = np.array(category) == "grid"
+    assert info["rows"] == 5 and list(table.image_id) == list(manifest.image_id)
+    assert table.tta.tolist() == ["dihedral" if g else "none" for g in grid]
+    assert table.score_kind.tolist() == ["label_logit_mean" if g else "label_logit" for g in grid]
+    turned, plain = scorer.score(paths), scorer.score(paths, tta="none")
+    np.testing.assert_allclose(table.p_defect, np.where(grid, turned["p_defect"], plain["p_defect"]), rtol=1e-6)
+    # without a category column no row is listed: every image is scored once
+    scorer.score_manifest(manifest.drop(columns="category"), tmp_path / "plain.parquet")
+    assert (read_table(tmp_path / "plain.parquet").tta == "none").all()
 
 
 def test_unreadable_image_stops_scoring_with_its_name(tiny, images, tmp_path):

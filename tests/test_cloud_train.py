@@ -27,6 +27,7 @@ from saec.tasks.cloud.train import (  # noqa: E402
     Example,
     ResumeError,
     SFTDataError,
+    WeightAverage,
     answer_loss,
     build_examples,
     prepare_batch,
@@ -314,10 +315,32 @@ def test_qlora_nf4_keeps_the_merger_trainable(tiny, sft, tmp_path):
 
 
 @pytest.mark.slow
+def test_weight_average_follows_the_trained_weights():
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([("p", p)], decay=0.9)
+    expected = torch.zeros(3)
+    for step in range(1, 31):
+        with torch.no_grad():
+            p.add_(torch.tensor([1.0, -2.0, 0.5]))
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))  # the ramp: early steps weigh more than the decay says
+        expected = d * expected + (1 - d) * p.detach()
+    torch.testing.assert_close(average.shadow[0], expected)
+    assert not torch.allclose(expected, p.detach())
+    restored = WeightAverage([("p", torch.nn.Parameter(torch.zeros(3)))], decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    torch.testing.assert_close(restored.shadow[0], expected)
+    with pytest.raises(ResumeError, match="other parameters"):
+        restored.load_state_dict({"q": expected})
+    average.copy_to_model()
+    torch.testing.assert_close(p.detach(), expected)
+
+
 def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     data = write_sft(tmp_path / "data", 24, seed=3)
     cfg = tiny_cfg(tiny, epochs=2, batch_size=2, grad_accum=1, checkpoint_every=1, lora_dropout=0.1,
-                   augment="dihedral", augment_categories=None, augment_shift=3, augment_lighting=0.1)
+                   augment="dihedral", augment_categories=None, augment_shift=3, augment_lighting=0.1,
+                   ema_decay=0.8)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     args = [sys.executable, "-m", "saec.tasks.cloud.train", "--config", str(tmp_path / "cfg.json"),
             "--train", str(data), "--threads", "1"]
@@ -357,3 +380,10 @@ def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(read_table(tmp_path / "out2" / "train_log.parquet").loss, log.loss, rtol=1e-4)
+    # the adapter holds the weight average (resumed with the rest), not the last step's weights
+    last = work / "checkpoints" / "step-00000024"
+    raw, averaged = load_file(str(last / "trainable.safetensors")), load_file(str(last / "average.safetensors"))
+    head = next(k for k in raw if "lm_head" in k)
+    saved = a[next(k for k in a if "lm_head" in k)]
+    torch.testing.assert_close(saved, averaged[head])
+    assert not torch.allclose(saved, raw[head])

@@ -159,6 +159,11 @@ class CloudTrainConfig(_Strict):
     false alarms on good grids but miss more bent wires and ring defects), so the tiny recipe
     leaves them off.
 
+    `ema_decay` saves an exponential moving average of the trained weights instead of the last
+    step's; the checkpoints hold both, so a resumed run goes on averaging. With the cosine schedule
+    running down to zero it moved the tiny model's holdout accuracy by no more than half a point
+    (three seeds each, `benchmarks/results/cloud_recipes_average.json`), so no recipe sets it.
+
     `quantization="auto"` is NF4 on CUDA and none on CPU (4-bit weights cannot be trained, and
     a CPU is where the embedded default model trains). `dtype="auto"` is bf16 on CUDA, float32 on CPU.
 
@@ -185,6 +190,9 @@ class CloudTrainConfig(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the trained weights and save it "
+                                      "instead of the last step's; None = save the last step's weights")
     seed: int = 42
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
     # what learns
@@ -274,7 +282,12 @@ class CloudScoreConfig(_Strict):
 
     `tta="five_crop"` scores the four corners and the centre (each `resize` square, taken from the
     image after its shorter side is brought up to `resize` when smaller) and compares the mean
-    summed log-probabilities of the full answers `Label: 0` and `Label: 1`.
+    summed log-probabilities of the full answers `Label: 0` and `Label: 1`. `tta="dihedral"`
+    scores the image under its eight flips and quarter turns and averages the two label logits
+    over them: for products whose labels do not depend on orientation (a mesh, a washer, a
+    woven surface), and for a model trained with the same turns (`CloudTrainConfig.augment`).
+    With `tta_categories` set, a manifest's rows get the augmentation only where their
+    `category` is listed, the others are scored once.
     `explain=True` generates a JSON explanation for every defect verdict.
     """
 
@@ -303,7 +316,9 @@ class CloudScoreConfig(_Strict):
                           "ids built once per image size, pixels sent as uint8 and normalised and cut into "
                           "patches on the device exactly as the processor does; otherwise the processor "
                           "prepares every batch")
-    tta: Literal["none", "five_crop"] = "none"
+    tta: Literal["none", "five_crop", "dihedral"] = "none"
+    tta_categories: tuple[str, ...] | None = Field(
+        None, description="categories whose rows get the test-time augmentation (scoring a manifest); None = all")
     explain: bool = False
     explain_max_new_tokens: int = Field(192, ge=1)
     explain_batch_size: int = Field(8, ge=1)

@@ -44,9 +44,10 @@ from saec.tasks.cloud.explain import (
     STATUS_NOT_REQUESTED,
     parse_explanation,
 )
-from saec.tasks.cloud.images import PatchLayout, five_crops, load_rgb, patches_from_uint8
+from saec.tasks.cloud.images import PatchLayout, dihedral_views, five_crops, load_rgb, patches_from_uint8
 from saec.tasks.cloud.models import LoadedVLM, load_vlm
 
+VIEWS = {"none": 1, "five_crop": 5, "dihedral": 8}  # images scored per input image, by `tta`
 IMAGE_PLACEHOLDER = "image"  # the chat template only needs to see that a turn holds an image
 
 
@@ -282,6 +283,7 @@ class VLMScorer:
         import torch
 
         self.cfg = cfg
+        self._tta = cfg.tta  # the test-time augmentation of the call in progress (`score(tta=...)`)
         self.loaded = loaded if loaded is not None else load_vlm(cfg.load_config())
         if cfg.family is not None and cfg.family != self.loaded.family:
             raise ValueError(f"config expects a {cfg.family} model, {self.loaded.model_dir} is {self.loaded.family}")
@@ -356,8 +358,11 @@ class VLMScorer:
 
     # ---- data ---------------------------------------------------------------------
     def _decode(self, path: str):
-        image = load_rgb(path, None if self.cfg.tta == "five_crop" else self.cfg.resize)
-        return five_crops(image, self.cfg.resize or min(image.size)) if self.cfg.tta == "five_crop" else [image]
+        tta = self._tta
+        image = load_rgb(path, None if tta == "five_crop" else self.cfg.resize)
+        if tta == "five_crop":
+            return five_crops(image, self.cfg.resize or min(image.size))
+        return dihedral_views(image) if tta == "dihedral" else [image]
 
     def _prepare(self, index: int, paths: list[str], pool: ThreadPoolExecutor) -> _Prepared:
         t0 = time.perf_counter()
@@ -377,7 +382,7 @@ class VLMScorer:
         """Decode threads write uint8 pixels (resized as the processor would) into one pinned batch."""
         import torch
 
-        per_path = 5 if self.cfg.tta == "five_crop" else 1
+        per_path = VIEWS[self._tta]
         height, width = self._static.size
         pixels = torch.empty((len(paths) * per_path, height, width, 3), dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
@@ -495,14 +500,25 @@ class VLMScorer:
     def _logits(self, batch: dict):
         """[n, 2] label logits (or summed answer log-probs with TTA) for the rows of one batch."""
         fast = self.cfg.impl == "fast"
-        if self.cfg.tta == "five_crop":
+        if self._tta == "five_crop":
             return answer_logprobs(self._base if fast else self.model, batch, self.spec, fast)
         if fast:
             return label_logits_fast(self._base, batch, self._label_rows)
         return label_logits_reference(self.model, batch, self.spec.label_ids)
 
-    def score(self, paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
-        """Score image files; returns per-image arrays (p_defect, pred, logits, batch timing, explanations)."""
+    def score(self, paths: Sequence[str | Path], tta: str | None = None) -> dict[str, np.ndarray]:
+        """Score image files; returns per-image arrays (p_defect, pred, logits, batch timing, explanations).
+
+        `tta` overrides the configured test-time augmentation for this call."""
+        if tta is not None and tta not in VIEWS:
+            raise ValueError(f"tta must be one of {sorted(VIEWS)}, not {tta!r}")
+        self._tta = self.cfg.tta if tta is None else tta
+        try:
+            return self._score(paths)
+        finally:
+            self._tta = self.cfg.tta
+
+    def _score(self, paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
         import torch
         from tqdm.auto import tqdm
 
@@ -553,8 +569,9 @@ class VLMScorer:
                     events[0].record(stream)
                 batch = self.device_batch(prepared.batch)
                 values = self._logits(batch)
-                if self.cfg.tta == "five_crop":
-                    values = values.view(len(prepared.paths), 5, 2).mean(dim=1)
+                views = VIEWS[self._tta]
+                if views > 1:  # one row per view: the image's score is their mean
+                    values = values.view(len(prepared.paths), views, 2).mean(dim=1)
                 values = values.float()
                 seconds = 0.0
                 if cuda:  # queue the copy of the results and go on to the next batch before reading them
@@ -636,8 +653,23 @@ class VLMScorer:
         missing = [c for c in ("image_id", "path") if c not in manifest.columns]
         if missing:
             raise ValueError(f"manifest lacks columns {missing}")
-        scores = self.score(manifest["path"].tolist())
         n = len(manifest)
+        tta = np.full(n, self.cfg.tta, dtype=object)
+        if self.cfg.tta != "none" and self.cfg.tta_categories is not None:
+            listed = manifest["category"].isin(self.cfg.tta_categories).to_numpy() if "category" in manifest else np.zeros(n, bool)
+            tta[~listed] = "none"
+        scores, seconds = {}, 0.0
+        for kind in dict.fromkeys(tta):  # each augmentation in one call, rows in manifest order
+            rows = np.flatnonzero(tta == kind)
+            part = self.score(manifest["path"].iloc[rows].tolist(), tta=kind)
+            seconds += self.last_run["seconds"]
+            for key, values in part.items():
+                if key not in scores:
+                    scores[key] = np.empty(n, dtype=values.dtype)
+                scores[key][rows] = values
+        if not scores:  # an empty manifest
+            scores = self.score([])
+            seconds = self.last_run["seconds"]
         df = pd.DataFrame(
             {
                 "image_id": manifest["image_id"].astype(str).to_numpy(),
@@ -647,12 +679,13 @@ class VLMScorer:
                 "threshold": np.full(n, self.cfg.threshold),
                 "logit_0": scores["logit_0"],
                 "logit_1": scores["logit_1"],
-                "score_kind": np.full(n, "answer_logprob_mean" if self.cfg.tta == "five_crop" else "label_logit"),
+                "score_kind": np.where(tta == "five_crop", "answer_logprob_mean",
+                                       np.where(tta == "dihedral", "label_logit_mean", "label_logit")),
                 "family": np.full(n, self.family),
                 "model_id": np.full(n, self.model_id),
                 "adapter_id": np.full(n, self.adapter_id, dtype=object),
                 "impl": np.full(n, self.cfg.impl),
-                "tta": np.full(n, self.cfg.tta),
+                "tta": tta.astype(str),
                 "resize": np.full(n, self.cfg.resize if self.cfg.resize is not None else -1, np.int32),
                 "width": scores["width"],
                 "height": scores["height"],
@@ -668,7 +701,7 @@ class VLMScorer:
             }
         )
         ref = write_table(df, "cloud_scores", out_path)
-        seconds = self.last_run["seconds"]
+        self.last_run = {"images": n, "seconds": seconds}
         return {
             "path": ref.path,
             "sha256": ref.sha256,

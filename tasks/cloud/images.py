@@ -53,6 +53,16 @@ def five_crops(image: Image.Image, size: int) -> list[Image.Image]:
     return [image.crop((x, y, x + size, y + size)) for x, y in boxes]
 
 
+DIHEDRAL = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+            Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+            Image.Transpose.TRANSVERSE)
+
+
+def dihedral_views(image: Image.Image) -> list[Image.Image]:
+    """The image under the eight flips and quarter turns of a square, the identity first."""
+    return [image if op is None else image.transpose(op) for op in DIHEDRAL]
+
+
 # --------------------------------------------------------------------------- processor-free pixels
 
 

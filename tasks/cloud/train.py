@@ -434,8 +434,45 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
+class WeightAverage:
+    """Exponential moving average of the trained parameters, updated after every optimizer step.
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)), so the first steps' random
+    weights do not linger in the average."""
+
+    def __init__(self, named: list[tuple[str, Any]], decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    def update(self, step: int) -> None:
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {n: s.detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, weights: dict) -> None:
+        if set(weights) != set(self.names):
+            raise ResumeError("the checkpoint's weight average holds other parameters than the model trains")
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(weights[n])
+
+    def copy_to_model(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+
+
 def save_checkpoint(work_dir: Path, state: TrainState, model, optimizer, scheduler, log_rows: list[dict],
-                    fingerprint: dict, keep: int, seed: int, n_examples: int) -> Path:
+                    fingerprint: dict, keep: int, seed: int, n_examples: int,
+                    average: WeightAverage | None = None) -> Path:
     """Write one checkpoint folder atomically (rename of a complete folder), then prune old ones."""
     import torch
     from safetensors.torch import save_file
@@ -451,6 +488,8 @@ def save_checkpoint(work_dir: Path, state: TrainState, model, optimizer, schedul
     tmp.mkdir()
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
+    if average is not None:
+        save_file(average.state_dict(), str(tmp / "average.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
@@ -470,7 +509,8 @@ def save_checkpoint(work_dir: Path, state: TrainState, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict) -> tuple[TrainState, list[dict]]:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict,
+                    average: WeightAverage | None = None) -> tuple[TrainState, list[dict]]:
     import torch
     from safetensors.torch import load_file
 
@@ -492,6 +532,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict) 
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+    if average is not None:
+        if not (ckpt / "average.safetensors").is_file():
+            raise ResumeError(f"checkpoint {ckpt} holds no weight average (ema_decay)")
+        average.load_state_dict(load_file(str(ckpt / "average.safetensors")))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
@@ -599,6 +643,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         optimizer, partial(_lr_lambda, warmup=warmup, total=total_steps, kind=cfg.lr_scheduler)
     )
 
+    average = WeightAverage(named, cfg.ema_decay) if cfg.ema_decay is not None else None
     fingerprint = _fingerprint(cfg, train_jsonl, loaded.model_id)
     state, log_rows = TrainState(), []
     for stale in (work_dir / CHECKPOINTS).glob(".tmp-step-*"):  # a checkpoint cut off mid-write
@@ -606,7 +651,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     ckpts = _checkpoint_dirs(work_dir / CHECKPOINTS)
     resumed_from = None
     if ckpts:
-        state, log_rows = load_checkpoint(ckpts[-1], model, optimizer, scheduler, fingerprint)
+        state, log_rows = load_checkpoint(ckpts[-1], model, optimizer, scheduler, fingerprint, average)
         state.session += 1
         resumed_from = state.step
 
@@ -664,6 +709,8 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                if average is not None:
+                    average.update(state.step)
                 state.next_micro = k + 1
                 if state.next_micro >= n_micro:
                     state.epoch, state.next_micro = state.epoch + 1, 0
@@ -691,7 +738,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
                 done = state.step >= total_steps
                 if state.step % cfg.checkpoint_every == 0 or done:
                     save_checkpoint(work_dir, state, model, optimizer, scheduler, log_rows, fingerprint,
-                                    cfg.keep_checkpoints, cfg.seed, len(examples))
+                                    cfg.keep_checkpoints, cfg.seed, len(examples), average)
                     last_ckpt_step = state.step
                 window_losses, window_stats = [], {"images": 0, "answer_tokens": 0, "tokens": 0}
                 t_step = time.perf_counter()
@@ -702,9 +749,11 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     bar.close()
     if last_ckpt_step != state.step:  # e.g. resumed at the end: make the final state durable too
         save_checkpoint(work_dir, state, model, optimizer, scheduler, log_rows, fingerprint,
-                        cfg.keep_checkpoints, cfg.seed, len(examples))
+                        cfg.keep_checkpoints, cfg.seed, len(examples), average)
 
     model.eval()
+    if average is not None:  # the checkpoints keep the last step's weights; the outputs get the average
+        average.copy_to_model()
     written = _write_outputs(model, loaded, cfg, out_dir, work_dir)
     summary = {
         **written,
