@@ -120,12 +120,15 @@ def test_onnxruntime_torch_and_ultralytics_predict_agree(images, spread_weights,
         np.testing.assert_allclose(ort_df[col], torch_df[col], atol=1e-4, err_msg=col)
     assert (ort_df.top1_class == torch_df.top1_class).all()
 
-    # Ultralytics' own one-file-at-a-time predict, on the same checkpoint and size
+    # Ultralytics' own one-file-at-a-time predict, on the same checkpoint and size. One image at a
+    # time against a batch, the CPU's convolution kernels sum in another order: with these spread
+    # logits that moved a softmax by 1.1e-4 on an AVX2-only machine. A preprocessing difference
+    # moves it by far more.
     yolo = edge_model.ultralytics().YOLO(str(spread_weights), task="classify")
     for path, smax, top1 in zip(paths, torch_df.smax, torch_df.top1_class):
         probs = yolo.predict(path, imgsz=IMGSZ, device="cpu", verbose=False)[0].probs
         assert int(probs.top1) == top1, path
-        assert float(probs.top1conf) == pytest.approx(smax, abs=1e-4), path
+        assert float(probs.top1conf) == pytest.approx(smax, abs=5e-4), path
 
 
 def test_onnx_cache_by_weights_and_size(spread_weights, tmp_path):
