@@ -268,38 +268,41 @@ def test_threshold_and_softmax(tiny, images):
     assert (out["pred"] == (out["p_defect"] >= 0.26)).all()
 
 
-def test_five_crop_tta_fast_equals_reference(tiny, images, tmp_path):
-    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta="five_crop", progress=False))
-    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=2, tta="five_crop", impl="reference",
+def _tta_scorers(tiny: Path, tta: str) -> tuple[VLMScorer, VLMScorer]:
+    """The fast and the reference scorer at 56 px with this test-time augmentation, on one loaded model."""
+    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta=tta, progress=False))
+    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=2, tta=tta, impl="reference",
                                      progress=False), loaded=fast.loaded)
+    return fast, ref
+
+
+def _save_all(pictures: list[Image.Image], folder: Path, stem: str) -> list[Path]:
+    paths = [folder / f"{stem}{i}.png" for i in range(len(pictures))]
+    for picture, path in zip(pictures, paths):
+        picture.save(path)
+    return paths
+
+
+def test_five_crop_tta_fast_equals_reference(tiny, images, tmp_path):
+    fast, ref = _tta_scorers(tiny, "five_crop")
     a, b = fast.score(images[:5]), ref.score(images[:5])
     np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-5)
     np.testing.assert_allclose(a["logit_0"], b["logit_0"], rtol=1e-4)
     assert (a["logit_0"] < 0).all() and (a["logit_1"] < 0).all()  # summed log-probabilities
     # TTA of one image = mean over its five crops: score each crop saved as a 56 px file (whose
     # five crops are then all the crop itself) and average
-    crop_paths = []
-    for i, crop in enumerate(five_crops(load_rgb(images[0], None), 56)):
-        crop.save(tmp_path / f"crop{i}.png")
-        crop_paths.append(tmp_path / f"crop{i}.png")
-    per_crop = fast.score(crop_paths)
+    per_crop = fast.score(_save_all(five_crops(load_rgb(images[0], None), 56), tmp_path, "crop"))
     np.testing.assert_allclose(per_crop["logit_0"].mean(), a["logit_0"][0], rtol=1e-5)
     np.testing.assert_allclose(per_crop["logit_1"].mean(), a["logit_1"][0], rtol=1e-5)
 
 
 def test_dihedral_tta_is_the_mean_over_flips_and_turns(tiny, images, tmp_path):
-    fast = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, tta="dihedral", progress=False))
-    ref = VLMScorer(CloudScoreConfig(model=str(tiny), resize=56, batch_size=2, tta="dihedral", impl="reference",
-                                     progress=False), loaded=fast.loaded)
+    fast, ref = _tta_scorers(tiny, "dihedral")
     a, b = fast.score(images[:4]), ref.score(images[:4])
     np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-5)
     np.testing.assert_allclose(a["logit_1"], b["logit_1"], rtol=1e-4, atol=1e-5)
     # one image's score = the mean label logits of its eight views, each scored on its own
-    view_paths = []
-    for i, view in enumerate(dihedral_views(load_rgb(images[0], 56))):
-        view.save(tmp_path / f"view{i}.png")
-        view_paths.append(tmp_path / f"view{i}.png")
-    per_view = fast.score(view_paths, tta="none")
+    per_view = fast.score(_save_all(dihedral_views(load_rgb(images[0], 56)), tmp_path, "view"), tta="none")
     assert np.ptp(per_view["logit_1"] - per_view["logit_0"]) > 1e-4  # the views do score differently
     np.testing.assert_allclose(per_view["logit_0"].mean(), a["logit_0"][0], rtol=1e-5)
     np.testing.assert_allclose(per_view["logit_1"].mean(), a["logit_1"][0], rtol=1e-5)
