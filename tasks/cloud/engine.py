@@ -656,7 +656,8 @@ class VLMScorer:
         n = len(manifest)
         tta = np.full(n, self.cfg.tta, dtype=object)
         if self.cfg.tta != "none" and self.cfg.tta_categories is not None:
-            listed = manifest["category"].isin(self.cfg.tta_categories).to_numpy() if "category" in manifest else np.zeros(n, bool)
+            listed = (manifest["category"].isin(self.cfg.tta_categories).to_numpy()
+                      if "category" in manifest else np.zeros(n, bool))
             tta[~listed] = "none"
         scores, seconds = {}, 0.0
         for kind in dict.fromkeys(tta):  # each augmentation in one call, rows in manifest order

@@ -53,9 +53,18 @@ def five_crops(image: Image.Image, size: int) -> list[Image.Image]:
     return [image.crop((x, y, x + size, y + size)) for x, y in boxes]
 
 
-DIHEDRAL = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-            Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-            Image.Transpose.TRANSVERSE)
+# The dihedral group of the square as PIL operations, None the identity. Training draws indices
+# into it (its "flip" augmentation uses the first two), so the order is part of every recipe.
+DIHEDRAL = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
 
 
 def dihedral_views(image: Image.Image) -> list[Image.Image]:

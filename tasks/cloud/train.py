@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from saec.artifacts.hashing import hash_obj, sha256_file
 from saec.prompts import answer
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig
-from saec.tasks.cloud.images import load_rgb
+from saec.tasks.cloud.images import DIHEDRAL, load_rgb
 from saec.tasks.cloud.models import (
     ADAPTER_RECORD,
     QUANT_SKIP_MODULES,
@@ -148,26 +148,13 @@ def answer_mask(attention_mask, n_answer):
     return attention_mask.bool() & (rank > lengths - torch.as_tensor(n_answer)[:, None])
 
 
-# The dihedral group of the square as PIL operations; None is the identity. "flip" uses the first two.
-_DIHEDRAL = (
-    None,
-    Image.Transpose.FLIP_LEFT_RIGHT,
-    Image.Transpose.FLIP_TOP_BOTTOM,
-    Image.Transpose.ROTATE_180,
-    Image.Transpose.ROTATE_90,
-    Image.Transpose.ROTATE_270,
-    Image.Transpose.TRANSPOSE,
-    Image.Transpose.TRANSVERSE,
-)
-
-
 def augment_ops(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> list[Image.Transpose | None]:
     """The geometric operation for every example in one epoch, fixed by (seed, epoch)."""
     if cfg.augment == "none":
         return [None] * len(examples)
-    n_ops = 2 if cfg.augment == "flip" else len(_DIHEDRAL)
+    n_ops = 2 if cfg.augment == "flip" else len(DIHEDRAL)  # "flip": the identity and the left-right mirror
     draws = np.random.default_rng([cfg.seed, epoch, 0xA06]).integers(0, n_ops, len(examples))
-    return [_DIHEDRAL[d] if ok else None for d, ok in zip(draws, _in_augment_categories(cfg, examples))]
+    return [DIHEDRAL[d] if ok else None for d, ok in zip(draws, _in_augment_categories(cfg, examples))]
 
 
 def _in_augment_categories(cfg: CloudTrainConfig, examples: list[Example]) -> list[bool]:
