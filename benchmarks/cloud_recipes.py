@@ -73,6 +73,20 @@ STUDIES: dict[str, list[Run]] = {
     "average": [(n, s, tr, {}, None) for n, tr in [
         ("default", {}), ("ema_0.995", {"ema_decay": 0.995}), ("ema_0.998", {"ema_decay": 0.998}),
     ] for s in (42, 7, 3)],
+    # a follow-up turn on every defect example that asks for its explanation (boxes of the
+    # ground-truth mask's regions and the defect type), on a draw at the embedded counts
+    "explain": [(n, s, tr, {}, None) for n, tr in [
+        ("default", {}), ("explain", {"explain_turn": True}),
+    ] for s in (42, 7, 3)],
+    # longer training, with brightness and contrast jitter; and the images at their drawn size
+    # (128 px, 8-px patches) instead of resized to 112
+    "combine": [(n, s, tr, ti, None) for n, tr, ti in [
+        ("32ep", {"epochs": 32}, {}),
+        ("32ep_light", {"epochs": 32, "augment_lighting": 0.15}, {}),
+        ("32ep_light25", {"epochs": 32, "augment_lighting": 0.25}, {}),
+        ("40ep_light", {"epochs": 40, "augment_lighting": 0.15}, {}),
+    ] for s in (42, 7, 3)]
+    + [("native128", s, {}, {"image_size": 128, "patch_size": 8, "window_size": 64}, None) for s in (42, 7)],
 }
 
 
@@ -83,7 +97,7 @@ def cmd_draw(args) -> None:
     from saec.config import EMBEDDED_SYNTHETIC
     from saec.datasets.mvtec import read_mvtec
     from saec.datasets.synthetic import SyntheticConfig, generate_mvtec
-    from saec.tasks.sft import SFTConfig, split_sft, write_jsonl
+    from saec.tasks.sft import SFTConfig, mask_paths, split_sft, write_jsonl
 
     k = args.scale
     base = SyntheticConfig(**EMBEDDED_SYNTHETIC)
@@ -95,8 +109,9 @@ def cmd_draw(args) -> None:
     })
     out = args.draw.resolve()
     generate_mvtec(out / "mvtec_ad", cfg, progress=True)
-    train, holdout = split_sft(read_mvtec(out / "mvtec_ad").images, SFTConfig())
-    write_jsonl(train, out / "sft_train.jsonl")
+    images = read_mvtec(out / "mvtec_ad").images
+    train, holdout = split_sft(images, SFTConfig())
+    write_jsonl(train, out / "sft_train.jsonl", mask_paths(images))
     rows = [dict(image_id=r.image_id, path=r.path, label=int(r.label), category=r.category, defect_type=r.defect_type)
             for r in holdout.itertuples()]
     (out / "holdout.json").write_text(json.dumps(rows))
@@ -200,9 +215,51 @@ def cmd_job(args) -> None:
         train_by_type_at_0_5=by_type(train_rows, (pt >= 0.5) == yt),
         holdout_tta_by_type_at_0_5=by_type(holdout, (p_tta >= 0.5) == y),
     )
+    if cfg.explain_turn:
+        result["holdout_explain"] = explain_quality(scorer, holdout, cfg.resize)
     (work / "result.json").write_text(json.dumps(result))
     print("done", name, seed, result["holdout_acc_at_0_5"], result["holdout_acc_at_0_26"],
           "tta", result["holdout_tta_acc_at_0_5"], result["holdout_tta_acc_at_0_26"], flush=True)
+
+
+def explain_quality(scorer, holdout: list[dict], size: int) -> dict:
+    """Explanations generated for the holdout's defect images against their ground-truth masks.
+
+    valid: share that parse and validate; desc: share naming the defect type; iou: mean IoU of
+    the box around all predicted regions with the box around all true ones (0 for an invalid one).
+    """
+    from saec.tasks.cloud.explain import ExplainTarget, describe_defect, map_boxes, parse_explanation
+    from saec.datasets.images import mask_boxes
+
+    defects = [r for r in holdout if r["label"] == 1]
+    texts: list[str] = []
+    for i in range(0, len(defects), 64):
+        texts += scorer.generate_explanations([r["path"] for r in defects[i : i + 64]])[0]
+
+    def hull(boxes):
+        return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+    valid, named, ious = 0, 0, []
+    for r, text in zip(defects, texts):
+        p = Path(r["path"])
+        boxes, w, h = mask_boxes(p.parents[2] / "ground_truth" / p.parent.name / f"{p.stem}_mask.png")
+        truth = map_boxes(ExplainTarget(bboxes=boxes, desc="x", width=w, height=h), (size, size))
+        parsed = parse_explanation(text, size, size)
+        if parsed.explanation is None:
+            ious.append(0.0)
+            continue
+        valid += 1
+        named += parsed.explanation.desc == describe_defect(r["defect_type"])
+        if not parsed.explanation.bboxes or not truth:
+            ious.append(0.0)
+            continue
+        a, b = hull(parsed.explanation.bboxes), hull(truth)
+        inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        ious.append(inter / union if union > 0 else 0.0)
+    n = len(defects)
+    return dict(images=n, valid=round(valid / n, 4), desc=round(named / n, 4), iou=round(sum(ious) / n, 4),
+                example=texts[0] if texts else None)
 
 
 # --------------------------------------------------------------------------- a study

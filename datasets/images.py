@@ -126,3 +126,26 @@ def load_image(path: str | Path, mode: str = "RGB", max_pixels: int = DEFAULT_MA
         raise BadImage(path, "truncated_or_corrupt", str(exc)) from None
     out = to_8bit(img)
     return out if out.mode == mode else out.convert(mode)
+
+
+MAX_BOXES = 8  # a mask's regions beyond this many: the largest are kept
+
+
+def mask_boxes(mask_path: str | Path) -> tuple[list[list[int]], int, int]:
+    """Bounding boxes [x0, y0, x1, y1] (x1, y1 exclusive) of a mask's regions, top to bottom; and its size.
+
+    Regions are 8-connected non-zero pixels. Specks under 4 pixels are left out when larger
+    regions exist; beyond MAX_BOXES regions the largest are kept. Raises BadImage for a mask
+    that cannot be read.
+    """
+    import cv2
+
+    mask = np.asarray(load_image(mask_path, "L"))
+    h, w = mask.shape
+    n, _labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    regions = [stats[i] for i in range(1, n)]  # x, y, width, height, area
+    if any(r[4] >= 4 for r in regions):
+        regions = [r for r in regions if r[4] >= 4]
+    regions = sorted(regions, key=lambda r: -int(r[4]))[:MAX_BOXES]
+    boxes = [[int(x), int(y), int(x + bw), int(y + bh)] for x, y, bw, bh, _a in regions]
+    return sorted(boxes, key=lambda b: (b[1], b[0], b[2], b[3])), w, h

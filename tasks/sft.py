@@ -3,10 +3,15 @@
 Per category: train = every `train/good` image (label 0) plus the first
 `defect_train_ratio` share of the category's shuffled `test/<defect>` images
 (label 1); val = every `test/good` image plus the remaining defects.
+
+A defect image with a ground-truth mask also gets an `explain` target: the bounding boxes of
+the mask's regions (in the image file's pixels) and its defect type in words. Training can
+teach the model to explain its defect verdicts from it (`CloudTrainConfig.explain_turn`).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
 from saec.artifacts.store import StageResult, atomic_path, write_table
+from saec.datasets.images import BadImage, mask_boxes
 from saec.prompts import chat_messages
+from saec.tasks.cloud.explain import ExplainTarget, describe_defect
 from saec.tasks.stage import STAGE_TASK, run_stage, stage_cache_key
+
+log = logging.getLogger(__name__)
 
 COLS = ["image_id", "path", "source_path", "label", "category", "defect_type", "split", "width", "height", "mode"]
 
@@ -48,8 +57,40 @@ def split_sft(images: pd.DataFrame, cfg: SFTConfig) -> tuple[pd.DataFrame, pd.Da
     return manifest(train_parts, "sft_train"), manifest(val_parts, "sft_val")
 
 
-def write_jsonl(manifest: pd.DataFrame, path: Path) -> Path:
-    """One chat-form example per line: the user turn holds the image and instruction, the assistant the label."""
+SFT_MODULES = ["saec.prompts", "saec.tasks.cloud.explain", "saec.datasets.images"]  # code the SFT files depend on
+
+
+def explain_target(mask_path: str | Path | None, defect_type: str, size: tuple[int, int]) -> tuple[dict | None, str]:
+    """The `explain` field of a defect example of `size` (w, h), or None and why there is none.
+
+    No target for an image without a mask, with an empty or unreadable mask, or with a mask
+    of another size than the image (its boxes would point elsewhere).
+    """
+    if mask_path is None or (isinstance(mask_path, float) and np.isnan(mask_path)):
+        return None, "no_mask"
+    try:
+        boxes, w, h = mask_boxes(mask_path)
+    except BadImage as exc:
+        log.warning("no explanation target for %s: mask %s: %s", defect_type, mask_path, exc)
+        return None, "unreadable_mask"
+    if (w, h) != tuple(size):
+        log.warning("no explanation target: mask %s is %dx%d, its image %dx%d", mask_path, w, h, *size)
+        return None, "mask_size_mismatch"
+    if not boxes:
+        return None, "empty_mask"
+    target = ExplainTarget(bboxes=boxes, desc=describe_defect(defect_type), width=w, height=h)
+    return target.model_dump(), "ok"
+
+
+def write_jsonl(manifest: pd.DataFrame, path: Path, masks: dict[str, str] | None = None,
+                counts: dict[str, int] | None = None) -> Path:
+    """One chat-form example per line: the user turn holds the image and instruction, the assistant the label.
+
+    `masks` maps image ids of defect images to their ground-truth masks, which give the
+    examples their `explain` targets; `counts`, when given, tallies the defect examples by
+    whether they got one ("ok") or why not.
+    """
+    masks = masks or {}
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         for row in manifest.itertuples(index=False):
             record = {
@@ -60,8 +101,22 @@ def write_jsonl(manifest: pd.DataFrame, path: Path) -> Path:
                 "defect_type": row.defect_type,
                 "messages": chat_messages(row.path, int(row.label)),
             }
+            if int(row.label) == 1:
+                target, why = explain_target(masks.get(row.image_id), row.defect_type, (row.width, row.height))
+                if target is not None:
+                    record["explain"] = target
+                if counts is not None:
+                    counts[why] = counts.get(why, 0) + 1
             fh.write(json.dumps(record) + "\n")
     return path
+
+
+def mask_paths(images: pd.DataFrame) -> dict[str, str]:
+    """image_id -> mask file of every scanned image that has one."""
+    if "mask_path" not in images:
+        return {}
+    has = images[images.mask_path.notna()]
+    return dict(zip(has.image_id, has.mask_path))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -69,15 +124,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-@task(name="build-sft", cache_key_fn=stage_cache_key("sft", ["saec.prompts"]), **STAGE_TASK)
+@task(name="build-sft", cache_key_fn=stage_cache_key("sft", SFT_MODULES), **STAGE_TASK)
 def sft_task(store: str, scan: StageResult, cfg: SFTConfig) -> StageResult:
     """Train/val JSONL and their manifests from the MVTec AD scan."""
 
     def build(out: Path):
-        train, val = split_sft(scan.table("images"), cfg)
+        images = scan.table("images")
+        train, val = split_sft(images, cfg)
+        masks = mask_paths(images)
+        targets: dict[str, dict[str, int]] = {"train": {}, "val": {}}
         files = {
-            "train_jsonl": write_jsonl(train, out / "sft_train.jsonl"),
-            "val_jsonl": write_jsonl(val, out / "sft_val.jsonl"),
+            "train_jsonl": write_jsonl(train, out / "sft_train.jsonl", masks, targets["train"]),
+            "val_jsonl": write_jsonl(val, out / "sft_val.jsonl", masks, targets["val"]),
             "train_manifest": Path(write_table(train, "manifest", out / "sft_train.parquet").path),
             "val_manifest": Path(write_table(val, "manifest", out / "sft_val.parquet").path),
         }
@@ -86,7 +144,8 @@ def sft_task(store: str, scan: StageResult, cfg: SFTConfig) -> StageResult:
             "val": {"good": int((val.label == 0).sum()), "defect": int((val.label == 1).sum())},
             "defect_train_ratio": cfg.defect_train_ratio,
             "seed": cfg.seed,
+            "explain_targets": targets,  # defect examples by explanation target: "ok" or why none
         }
         return files, info
 
-    return run_stage(store, "sft", ["saec.prompts"], dict(scan=scan, cfg=cfg), build)
+    return run_stage(store, "sft", SFT_MODULES, dict(scan=scan, cfg=cfg), build)

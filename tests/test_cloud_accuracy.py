@@ -2,12 +2,14 @@
 
 The goal is >= 90 % holdout accuracy after a few CPU minutes of training. The tiny model starts
 from random weights and learns from the embedded default data (`EMBEDDED_SYNTHETIC`: 640 SFT
-images at 128 px, defects at 6x visibility) with the embedded recipe (`CloudTrainConfig.tiny`:
-24 epochs, turns and flips for carpet, grid and ring). Measured with that data and recipe:
-88.6 % at threshold 0.5 with the default training seed, 80.3 % with seed 7. Capsule and carpet
-are nearly perfect; good grids are often called defective, and bent or broken grid wires are
-often missed. More training data, a deeper or wider vision tower, smaller attention windows,
-larger LoRA ranks and larger batches were each measured without a gain beyond that spread.
+images at 128 px, defects at 6x visibility) with the pipeline's embedded settings: the recipe of
+`CloudTrainConfig.tiny` (32 epochs; turns, flips and lighting for carpet, grid and ring), scored
+with the eight flips and turns on those categories, verdict at P(defect) >= 0.5. Measured with
+them in the pipeline: 88.4 % (87.0 % without the test-time turns); the earlier 24-epoch recipe
+gave 80-89 % across training seeds. Capsule, carpet and ring are mostly right; bent and broken
+grid wires are mostly missed. More training data, a deeper or wider vision tower, smaller
+attention windows, larger LoRA ranks, larger batches, weight averaging and an explanation task
+were each measured without a gain beyond the spread between seeds.
 The test states the goal and is expected to fail until the data or the recipe change; it fails
 loudly (strict) once the goal is met.
 """
@@ -26,10 +28,11 @@ torch = pytest.importorskip("torch")
 @pytest.mark.xfail(strict=True, reason="the random-init tiny VLM reaches 80-89 % on the embedded default "
                                        "holdout, not 90 %; see the module docstring")
 def test_tiny_default_reaches_the_accuracy_goal(tmp_path):
-    from saec.config import EMBEDDED_SYNTHETIC
+    from saec.artifacts.store import read_table
+    from saec.config import EMBEDDED_SYNTHETIC, load_config
     from saec.datasets.mvtec import read_mvtec
     from saec.datasets.synthetic import SyntheticConfig, generate_all
-    from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
+    from saec.tasks.cloud.config import TinyModelConfig
     from saec.tasks.cloud.engine import VLMScorer
     from saec.tasks.cloud.tiny import build_tiny_qwen
     from saec.tasks.cloud.train import classification_metrics, train_vlm
@@ -44,17 +47,22 @@ def test_tiny_default_reaches_the_accuracy_goal(tmp_path):
     holdout, _ = build_holdout(scan, set(train.image_id), HoldoutConfig(), tmp_path / "holdout")
 
     model = build_tiny_qwen(tmp_path / "tiny", TinyModelConfig())
-    cfg = CloudTrainConfig.tiny(model, progress=False)
+    embedded = load_config(None, [])  # the pipeline's own settings for the embedded model
+    cfg = embedded.cloud.train_config(str(model)).model_copy(update={"progress": False})
     t0 = time.perf_counter()
     summary = train_vlm(cfg, sft, None, tmp_path / "work", tmp_path / "out")
     train_s = time.perf_counter() - t0
-    scorer = VLMScorer(CloudScoreConfig(model=str(model), adapter=summary["adapter_dir"], resize=cfg.resize,
-                                        batch_size=32, threshold=0.5, progress=False))
-    scores = scorer.score(holdout.path.tolist())
+    score_cfg = embedded.cloud.score_config(str(model)).model_copy(
+        update={"adapter": summary["adapter_dir"], "progress": False, "threshold": embedded.routing.cloud_thr})
+    scorer = VLMScorer(score_cfg)
+    info = scorer.score_manifest(holdout, tmp_path / "scores.parquet")
+    scores = read_table(info["path"]).set_index("image_id").loc[holdout.image_id]
+    p = scores.p_defect.to_numpy()
     labels = holdout.label.to_numpy()
-    metrics = classification_metrics(labels, scores["pred"], scores["p_defect"])
-    at_seed_thr = float(((scores["p_defect"] >= 0.26) == labels).mean())
+    metrics = classification_metrics(labels, (p >= embedded.routing.cloud_thr).astype(int), p)
     print(json.dumps({"train_seconds": round(train_s, 1), "steps": summary["steps"], "holdout": metrics,
-                      "accuracy_at_0.26": at_seed_thr, "sft_examples": summary["examples"]}, indent=2))
-    assert np.isfinite(scores["p_defect"]).all()
+                      "threshold": embedded.routing.cloud_thr, "tta": score_cfg.tta,
+                      "accuracy_at_0.26": float(((p >= 0.26) == labels).mean()),
+                      "sft_examples": summary["examples"]}, indent=2))
+    assert np.isfinite(p).all()
     assert metrics["accuracy"] >= 0.9

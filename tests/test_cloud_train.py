@@ -44,8 +44,11 @@ def _threads(two_torch_threads):  # every test of this module runs with two torc
     yield
 
 
-def write_sft(folder: Path, n: int, seed: int = 0) -> Path:
-    """An SFT JSONL in the pipeline's format: defects carry a bright square on a noisy background."""
+def write_sft(folder: Path, n: int, seed: int = 0, explain: bool = False) -> Path:
+    """An SFT JSONL in the pipeline's format: defects carry a bright square on a noisy background.
+
+    With `explain`, each defect's record also holds its explanation target (the square's box).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     path = folder / "sft.jsonl"
@@ -60,6 +63,9 @@ def write_sft(folder: Path, n: int, seed: int = 0) -> Path:
             Image.fromarray(arr).save(img)
             record = {"image_id": sha256_file(img), "image": str(img), "label": label, "category": "squares",
                       "defect_type": "square" if label else "good", "messages": chat_messages(str(img), label)}
+            if explain and label:
+                record["explain"] = {"bboxes": [[int(x), int(y), int(x) + 28, int(y) + 28]], "desc": "square",
+                                     "width": 96, "height": 96}
             fh.write(json.dumps(record) + "\n")
     return path
 
@@ -70,7 +76,8 @@ def sft(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(model: Path, **kw) -> CloudTrainConfig:
-    base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2, augment="none")
+    base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2, augment="none",
+                augment_lighting=0.0)
     return CloudTrainConfig.tiny(model, **{**base, **kw})
 
 
@@ -174,6 +181,79 @@ def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, t
     plain = prepare_batch(loaded.processor, loaded.family, [ex], 56)
     torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
     assert not torch.allclose(got["pixel_values"], plain["pixel_values"])
+
+
+def test_explanation_boxes_follow_resize_turns_and_shifts():
+    from saec.tasks.cloud.explain import ExplainTarget, map_boxes
+    from saec.tasks.cloud.train import shift_image
+
+    mask = np.zeros((60, 90), np.uint8)  # not square, so turns swap the sides; edges even, so halving is exact
+    mask[12:30, 10:28] = 255
+    mask[44:56, 60:86] = 255
+    target = ExplainTarget(bboxes=[[10, 12, 28, 30], [60, 44, 86, 56]], desc="two spots", width=90, height=60)
+
+    for op in [None, *Image.Transpose]:
+        img = Image.fromarray(mask).resize((45, 30), Image.Resampling.NEAREST)
+        img = img if op is None else img.transpose(op)
+        for shift in (None, (3, -2)):
+            shown = img if shift is None else shift_image(img, *shift)
+            got = map_boxes(target, (45, 30), op, shift)
+            # each box holds exactly one region of the mask as the model sees it (mirrored border aside)
+            a = np.asarray(shown) > 127
+            covered = np.zeros_like(a)
+            for x0, y0, x1, y1 in got:
+                region = a[y0:y1, x0:x1]
+                assert region.any() and region[0].any() and region[-1].any() and region[:, 0].any() and region[:, -1].any()
+                covered[y0:y1, x0:x1] = True
+            h, w = a.shape
+            if shift is None:
+                assert not (a & ~covered).any()  # nothing of the mask outside the boxes
+            else:
+                inner = a[3 : h - 3, 3 : w - 3] & ~covered[3 : h - 3, 3 : w - 3]
+                assert not inner.any()
+    assert map_boxes(target, None) == [[10, 12, 28, 30], [60, 44, 86, 56]]
+    assert map_boxes(target, (45, 30), None, (-10, 0)) == [[0, 6, 4, 15], [20, 22, 33, 28]]
+    assert map_boxes(target, (45, 30), None, (0, -20)) == [[30, 2, 43, 8]]  # the first box left the image
+
+
+def test_explanation_turn_trains_on_both_answers(tiny, tmp_path):
+    from saec.tasks.cloud.engine import explain_prompt
+    from saec.tasks.cloud.explain import map_boxes
+    from saec.tasks.cloud.train import ExplainTurn
+
+    path = write_sft(tmp_path / "sft", 4, seed=3, explain=True)
+    loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
+    processor = loaded.processor
+    examples = build_examples(read_sft(path), processor)
+    assert [ex.explain is not None for ex in examples] == [False, True, False, True]
+    augs = [None, Augmentation(transpose=Image.Transpose.ROTATE_90), None, None]
+    turn = ExplainTurn(processor)
+    tok = processor.tokenizer
+    decoded = {}
+    for side in ("right", "left"):
+        processor.tokenizer.padding_side = side
+        batch = prepare_batch(processor, loaded.family, examples, 56, augs, turn)
+        decoded[side] = [tok.decode(batch["input_ids"][i][batch["answer_mask"][i]]) for i in range(4)]
+    assert decoded["left"] == decoded["right"]
+    for i, ex in enumerate(examples):
+        if ex.explain is None:
+            assert decoded["right"][i] == "Label: 0<|im_end|>\n"
+            continue
+        boxes = map_boxes(ex.explain, (56, 56), augs[i].transpose if augs[i] else None)
+        assert decoded["right"][i] == f'Label: 1<|im_end|>\n{{"bboxes": {boxes}, "desc": "square"}}<|im_end|>\n'
+        # the box is where the bright square is in the image the model is shown
+        shown = Image.open(ex.image).convert("L").resize((56, 56), Image.Resampling.BICUBIC)
+        shown = shown if augs[i] is None else augs[i].apply(shown)
+        ys, xs = np.nonzero(np.asarray(shown) > 200)
+        (x0, y0, x1, y1), = boxes
+        assert abs(xs.min() - x0) <= 1 and abs(ys.min() - y0) <= 1 and abs(xs.max() + 1 - x1) <= 1 and abs(ys.max() + 1 - y1) <= 1
+        # the follow-up turn reads as the scoring engine's explanation prompt
+        text, _ = turn.render(ex, (56, 56), augs[i])
+        assert text.startswith(explain_prompt(processor))
+    # training with the turn runs, and says how many examples it explained
+    cfg = tiny_cfg(tiny, explain_turn=True, max_steps=1)
+    summary = train_vlm(cfg, path, None, tmp_path / "work", tmp_path / "out")
+    assert summary["explained_examples"] == 2 and np.isfinite(summary["final_loss"])
 
 
 def test_shift_and_lighting_move_and_relight_pixels():

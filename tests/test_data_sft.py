@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,7 +21,7 @@ from saec.tasks.data import (
     build_ksdd2_balanced,
     check_disjoint,
 )
-from saec.tasks.sft import SFTConfig, read_jsonl, split_sft, write_jsonl
+from saec.tasks.sft import SFTConfig, mask_paths, read_jsonl, split_sft, write_jsonl
 
 
 @pytest.fixture
@@ -108,3 +109,44 @@ def test_ksdd2_balanced_keeps_every_defect_and_as_many_goods(ksdd2_tree, tmp_pat
     assert sorted(os.listdir(tmp_path / "k" / "val" / "defect")) == sorted(defect_list)
     again, _ = build_ksdd2_balanced(images, KSDD2Config(seed=1234), tmp_path / "k2")
     assert list(again.image_id) == list(manifest.image_id)
+
+
+def test_defect_examples_carry_the_boxes_of_their_masks(mvtec_tree, tmp_path):
+    from conftest import save
+
+    gt = mvtec_tree / "alpha" / "ground_truth"
+    two = np.zeros((32, 32), np.uint8)
+    two[2:6, 3:10] = 255  # two separate regions, listed top to bottom
+    two[20:30, 12:15] = 255
+    two[0, 31] = 255  # a one-pixel speck beside larger regions is left out
+    save(gt / "scratch" / "000_mask.png", two)
+    (gt / "scratch" / "001_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # unreadable
+    save(gt / "hole" / "000_mask.png", np.full((16, 16), 255, np.uint8))  # another size than its image
+    save(gt / "hole" / "001_mask.png", np.zeros((32, 32), np.uint8))  # empty
+    scan = read_mvtec(mvtec_tree).images
+    every = scan.assign(split="sft_train", source_path=scan.path)
+    counts: dict[str, int] = {}
+    rows = read_jsonl(write_jsonl(every, tmp_path / "all.jsonl", mask_paths(scan), counts))
+    by_name = {(Path(r["image"]).parent.name, Path(r["image"]).parent.parent.parent.name, Path(r["image"]).name): r
+               for r in rows}
+    assert by_name["scratch", "alpha", "000.png"]["explain"] == {
+        "bboxes": [[3, 2, 10, 6], [12, 20, 15, 30]], "desc": "scratch", "width": 32, "height": 32}
+    assert by_name["scratch", "beta", "000.png"]["explain"]["bboxes"] == [[4, 4, 9, 9]]  # conftest's 5x5 square
+    for key in (("scratch", "alpha", "001.png"), ("hole", "alpha", "000.png"), ("hole", "alpha", "001.png")):
+        assert "explain" not in by_name[key]
+    assert not any("explain" in r for r in rows if r["label"] == 0)
+    n_defects = sum(r["label"] for r in rows)
+    assert counts == {"ok": n_defects - 3, "unreadable_mask": 1, "mask_size_mismatch": 1, "empty_mask": 1}
+    # the training reader accepts what the SFT stage writes, and refuses a target on a good image
+    from saec.tasks.cloud.train import SFTDataError, read_sft
+
+    assert sum(r.explain is not None for r in read_sft(tmp_path / "all.jsonl")) == n_defects - 3
+    good = next(r for r in rows if r["label"] == 0)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(good | {"explain": by_name["scratch", "beta", "000.png"]["explain"]}))
+    with pytest.raises(SFTDataError, match="good example"):
+        read_sft(tmp_path / "bad.jsonl")
+    outside = by_name["scratch", "beta", "000.png"] | {
+        "explain": {"bboxes": [[4, 4, 40, 9]], "desc": "scratch", "width": 32, "height": 32}}
+    (tmp_path / "out.jsonl").write_text(json.dumps(outside))
+    with pytest.raises(SFTDataError, match="outside"):
+        read_sft(tmp_path / "out.jsonl")

@@ -99,3 +99,19 @@ def test_telemetry_integrates_what_it_measured():
     _ = sum(i * i for i in range(300_000))
     live = sampler.stop()
     assert len(live) >= 2 and live.rss_bytes.gt(0).all() and live.t.is_monotonic_increasing
+
+
+def test_embedded_model_has_its_own_threshold_and_scoring(tmp_path):
+    from saec.config import EMBEDDED_CLOUD_THR, load_config
+
+    embedded = load_config(None, [])
+    assert embedded.cloud.embedded and embedded.routing.cloud_thr == EMBEDDED_CLOUD_THR == 0.5
+    tuned, baseline = embedded.cloud.score_config("m"), embedded.cloud.score_config("m", baseline=True)
+    assert tuned.tta == "dihedral" and tuned.tta_categories == embedded.cloud.train_config("m").augment_categories
+    assert baseline.tta == "none"  # zero-shot baselines never saw turned images
+    assert load_config(None, ["routing.cloud_thr=0.26"]).routing.cloud_thr == 0.26  # a set value wins
+    real = load_config(None, [f"cloud.model={tmp_path}"])
+    assert real.routing.cloud_thr == RoutingConfig().cloud_thr == 0.26  # the seed's value for a real model
+    assert real.cloud.score_config("m").tta == "none"
+    no_turns = load_config(None, ["cloud.train.augment=none"])
+    assert no_turns.cloud.score_config("m").tta == "none"

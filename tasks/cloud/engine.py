@@ -293,9 +293,7 @@ class VLMScorer:
         self.device = self.loaded.device
         self.dtype = self.loaded.dtype
         self.spec = build_prompt_spec(self.processor)
-        self.explain_prefix = _render(
-            self.processor, [_user_turn(EXPLAIN_INSTRUCTION)], True
-        )
+        self.explain_prefix = explain_prompt(self.processor)
 
         from peft import PeftModel
 
@@ -722,8 +720,15 @@ def _shutdown_pools(*pools: ThreadPoolExecutor) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _user_turn(text: str) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": IMAGE_PLACEHOLDER}, {"type": "text", "text": text}]}
+def explain_prompt(processor) -> str:
+    """The explanation prompt: the scoring conversation with its defect verdict, then the request.
+
+    The image, the inspection instruction and the answer `Label: 1`, then a user turn with the
+    explanation instruction; training's follow-up turn (`CloudTrainConfig.explain_turn`) renders
+    the same conversation.
+    """
+    ask = {"role": "user", "content": [{"type": "text", "text": EXPLAIN_INSTRUCTION}]}
+    return _render(processor, chat_messages(IMAGE_PLACEHOLDER, 1) + [ask], True)
 
 
 def score_images(cfg: CloudScoreConfig, paths: Sequence[str | Path]) -> dict[str, np.ndarray]:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from saec.artifacts.hashing import hash_obj, sha256_file
 from saec.prompts import answer
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig
+from saec.tasks.cloud.explain import EXPLAIN_INSTRUCTION, ExplainTarget, explanation_text, map_boxes
 from saec.tasks.cloud.images import DIHEDRAL, load_rgb
 from saec.tasks.cloud.models import (
     ADAPTER_RECORD,
@@ -74,6 +75,7 @@ class SFTRow(BaseModel):
     category: str = ""
     defect_type: str = ""
     messages: list[dict]
+    explain: ExplainTarget | None = None  # what the explanation of a defect example should say
 
     @field_validator("label")
     @classmethod
@@ -81,6 +83,11 @@ class SFTRow(BaseModel):
         if v not in (0, 1):
             raise ValueError(f"label must be 0 or 1, not {v}")
         return v
+
+    @field_validator("explain")
+    @classmethod
+    def _explain(cls, v: ExplainTarget | None) -> ExplainTarget | None:
+        return None if v is None else v.check_inside()
 
 
 def read_sft(path: Path) -> list[SFTRow]:
@@ -100,6 +107,8 @@ def read_sft(path: Path) -> list[SFTRow]:
             said = "".join(p.get("text", "") for p in msgs[-1]["content"]) if isinstance(msgs[-1]["content"], list) else msgs[-1]["content"]
             if said != answer(row.label):
                 raise SFTDataError(f"{path}:{lineno}: label {row.label} but the assistant says {said!r}")
+            if row.explain is not None and row.label != 1:
+                raise SFTDataError(f"{path}:{lineno}: a good example (label 0) has an explanation target")
             if not Path(row.image).is_file():
                 raise SFTDataError(f"{path}:{lineno}: image file {row.image} does not exist")
             rows.append(row)
@@ -115,6 +124,19 @@ class Example:
     text: str  # the whole rendered conversation
     n_answer_tokens: int  # trailing tokens of `text` that carry the loss
     category: str = ""
+    explain: ExplainTarget | None = None  # the follow-up turn's target, where training asks for one
+    messages: tuple[dict, ...] = ()  # the conversation `text` renders (the follow-up turn extends it)
+
+
+def _answer_tokens(tok, prompt: str, full: str) -> int:
+    """How many tokens `full` adds to `prompt` (the answer), checking that they do not merge."""
+    if not full.startswith(prompt):
+        raise SFTDataError("the chat template renders the conversation differently from its generation prompt")
+    ids_full = tok(full).input_ids
+    ids_prompt = tok(prompt).input_ids
+    if ids_full[: len(ids_prompt)] != ids_prompt:
+        raise SFTDataError(f"tokens of the answer {full[len(prompt):]!r} merge with the prompt's last tokens")
+    return len(ids_full) - len(ids_prompt)
 
 
 def build_examples(rows: list[SFTRow], processor) -> list[Example]:
@@ -125,27 +147,68 @@ def build_examples(rows: list[SFTRow], processor) -> list[Example]:
     for row in rows:
         full = processor.apply_chat_template(row.messages, tokenize=False)
         prompt = processor.apply_chat_template(row.messages[:-1], tokenize=False, add_generation_prompt=True)
-        if not full.startswith(prompt):
-            raise SFTDataError("the chat template renders the conversation differently from its generation prompt")
-        suffix = full[len(prompt) :]
-        key = (prompt, suffix)
+        key = (prompt, full)
         if key not in cache:
-            ids_full = tok(full).input_ids
-            ids_prompt = tok(prompt).input_ids
-            if ids_full[: len(ids_prompt)] != ids_prompt:
-                raise SFTDataError(f"tokens of the answer {suffix!r} merge with the prompt's last tokens")
-            cache[key] = len(ids_full) - len(ids_prompt)
-        examples.append(Example(row.image, row.label, full, cache[key], row.category))
+            cache[key] = _answer_tokens(tok, prompt, full)
+        examples.append(Example(row.image, row.label, full, cache[key], row.category, row.explain, tuple(row.messages)))
     return examples
 
 
-def answer_mask(attention_mask, n_answer):
-    """True on the last n_answer attended positions of each row (left or right padding)."""
+class ExplainTurn:
+    """The follow-up turn that teaches explanations: after the label answer of a defect example,
+    the explanation instruction and, as the answer, the JSON of its target's boxes on the image
+    shown (resized and augmented) and its description.
+
+    The turn is rendered by the model's own chat template from the conversation as it stands, so
+    it reads exactly as the scoring engine's explanation prompt does. Both answers carry the loss.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._cache: dict[tuple[str, str], tuple[str, list[tuple[int, int]]]] = {}
+
+    def render(self, ex: Example, shown: tuple[int, int], aug: "Augmentation | None") -> tuple[str, list[tuple[int, int]]]:
+        """(text, loss spans) of the example with its follow-up turn; a span is (tokens after it, length)."""
+        assert ex.explain is not None
+        boxes = map_boxes(ex.explain, shown, aug.transpose if aug else None, aug.shift if aug else None)
+        reply = explanation_text(boxes, ex.explain.desc)
+        key = (ex.text, reply)
+        if key not in self._cache:
+            tok = self.processor.tokenizer
+            ask = {"role": "user", "content": [{"type": "text", "text": EXPLAIN_INSTRUCTION}]}
+            said = {"role": "assistant", "content": [{"type": "text", "text": reply}]}
+            history = list(ex.messages)
+            prompt = self.processor.apply_chat_template(history + [ask], tokenize=False, add_generation_prompt=True)
+            full = self.processor.apply_chat_template(history + [ask, said], tokenize=False)
+            if not prompt.startswith(ex.text):
+                raise SFTDataError("the chat template renders the follow-up turn differently from the conversation")
+            n_reply = _answer_tokens(tok, prompt, full)
+            n_ask = _answer_tokens(tok, ex.text, prompt)
+            self._cache[key] = (full, [(0, n_reply), (n_reply + n_ask, ex.n_answer_tokens)])
+        return self._cache[key]
+
+
+def answer_mask(attention_mask, spans):
+    """True on the loss positions of each row, counted back from its last attended token.
+
+    `spans` is per row either a count n (the last n attended positions) or a list of
+    (after, length) pairs: `length` positions that end `after` positions before the last.
+    Left and right padding both work.
+    """
     import torch
 
+    rows = [[(0, int(s))] if not isinstance(s, (list, tuple)) else [(int(a), int(n)) for a, n in s] for s in spans]
+    width = max(len(r) for r in rows)
+    table = torch.zeros((len(rows), width, 2), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            table[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     lengths = attention_mask.sum(dim=1, keepdim=True)
     rank = attention_mask.long().cumsum(dim=1)  # 1..len on attended positions
-    return attention_mask.bool() & (rank > lengths - torch.as_tensor(n_answer)[:, None])
+    back = (lengths - rank)[:, :, None]  # 0 at the last attended position
+    after, length = table[:, None, :, 0], table[:, None, :, 1]
+    inside = ((back >= after) & (back < after + length)).any(dim=2)
+    return attention_mask.bool() & inside
 
 
 def augment_ops(cfg: CloudTrainConfig, epoch: int, examples: list[Example]) -> list[Image.Transpose | None]:
@@ -241,17 +304,27 @@ def _check_augment(cfg: CloudTrainConfig, examples: list[Example]) -> int:
 
 
 def prepare_batch(processor, family: str, examples: list[Example], resize: int | None,
-                  augs: list[Augmentation | None] | None = None) -> dict:
-    """Decode, resize (and augment by `augs`) and encode one micro-batch; adds `answer_mask` for the loss."""
-    import torch
+                  augs: list[Augmentation | None] | None = None, explain: ExplainTurn | None = None) -> dict:
+    """Decode, resize (and augment by `augs`) and encode one micro-batch; adds `answer_mask` for the loss.
 
+    With `explain`, every example that has an explanation target gets its follow-up turn.
+    """
     from saec.tasks.cloud.engine import encode
 
     images = [load_rgb(ex.image, resize) for ex in examples]
-    if augs is not None:
-        images = [im if aug is None else aug.apply(im) for im, aug in zip(images, augs)]
-    batch = encode(processor, family, [ex.text for ex in examples], images)
-    batch["answer_mask"] = answer_mask(batch["attention_mask"], torch.tensor([ex.n_answer_tokens for ex in examples]))
+    augs = augs if augs is not None else [None] * len(examples)
+    shown = [im.size for im in images]
+    images = [im if aug is None else aug.apply(im) for im, aug in zip(images, augs)]
+    texts, spans = [], []
+    for ex, size, aug in zip(examples, shown, augs):
+        if explain is not None and ex.explain is not None:
+            text, span = explain.render(ex, size, aug)
+        else:
+            text, span = ex.text, ex.n_answer_tokens
+        texts.append(text)
+        spans.append(span)
+    batch = encode(processor, family, texts, images)
+    batch["answer_mask"] = answer_mask(batch["attention_mask"], spans)
     return batch
 
 
@@ -608,6 +681,10 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     processor.tokenizer.padding_side = "right"
     examples = build_examples(rows, processor)
     augmented = _check_augment(cfg, examples)
+    explained = sum(ex.explain is not None for ex in examples) if cfg.explain_turn else 0
+    if cfg.explain_turn and not explained:
+        warnings.warn(f"explain_turn teaches nothing: no example of {train_jsonl} has an explanation target "
+                      "(the SFT stage writes them for defect images with ground-truth masks)", stacklevel=2)
     model = setup_trainable(loaded, cfg)
     loaded.model = model
     base = loaded.base
@@ -651,9 +728,12 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     def elapsed() -> float:
         return elapsed_at_start + time.perf_counter() - t_session
 
+    explain = ExplainTurn(processor) if cfg.explain_turn else None
+
     def make(job: tuple[list, list[int]]) -> dict:
         augs, idx = job
-        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [augs[i] for i in idx])
+        return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [augs[i] for i in idx],
+                             explain)
 
     last_ckpt_step = state.step if resumed_from is not None else -1
     pool = ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="saec-train-data")
@@ -749,6 +829,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         "epochs_done": state.epoch,
         "examples": len(examples),
         "augmented_examples": augmented,
+        "explained_examples": explained,
         "resumed_from_step": resumed_from,
         "sessions": state.session + 1,
         "train_seconds": state.elapsed_s,
