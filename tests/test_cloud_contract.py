@@ -141,6 +141,29 @@ def test_qwen_prompt_and_label_tokens(qwen_processor):
     assert spec.n_answer_prefix_tokens == 3  # "Label", ":", " "
 
 
+def test_qwen_explanation_turn_renders_as_the_engine_asks(qwen_processor, tmp_path):
+    from saec.tasks.cloud.engine import explain_prompt
+    from saec.tasks.cloud.explain import EXPLAIN_INSTRUCTION
+    from saec.tasks.cloud.train import ExplainTurn, SFTRow, build_examples
+
+    prompt = explain_prompt(qwen_processor)
+    assert prompt.count("<|image_pad|>") == 1
+    assert prompt.endswith(f"assistant\nLabel: 1<|im_end|>\n<|im_start|>user\n{EXPLAIN_INSTRUCTION}<|im_end|>\n"
+                           "<|im_start|>assistant\n")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 48)).save(image)
+    row = SFTRow(image_id="x", image=str(image), label=1, messages=chat_messages(str(image), 1),
+                 explain={"bboxes": [[4, 8, 20, 40]], "desc": "scratch", "width": 64, "height": 48})
+    (ex,) = build_examples([row], qwen_processor)
+    text, spans = ExplainTurn(qwen_processor).render(ex, (448, 448), None)
+    assert text == prompt + '{"bboxes": [[28, 74, 140, 374]], "desc": "scratch"}<|im_end|>\n'
+    tok = qwen_processor.tokenizer
+    ids = tok(text).input_ids
+    (after_reply, n_reply), (after_label, n_label) = spans
+    assert after_reply == 0 and tok.decode(ids[len(ids) - n_reply:]).startswith('{"bboxes"')
+    assert tok.decode(ids[len(ids) - after_label - n_label:len(ids) - after_label]) == "Label: 1<|im_end|>\n"
+
+
 @pytest.mark.parametrize("side,tokens", [(448, 256), (512, 324)])
 def test_qwen_visual_token_count(qwen_processor, side, tokens):
     spec = build_prompt_spec(qwen_processor)
