@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EXPLAIN_INSTRUCTION = (
     "This industrial product image shows a defect. Reply with one JSON object only: "
@@ -119,32 +119,23 @@ def parse_explanation(text: str, width: int | None = None, height: int | None = 
 # --------------------------------------------------------------------------- training targets
 
 
-class ExplainTarget(BaseModel):
+class ExplainTarget(Explanation):
     """What a defect image's explanation should say: its defect regions and type.
 
     Boxes are in pixel coordinates of the image file (`width` x `height`), edges inclusive of
-    the first and exclusive of the last pixel, as a ground-truth mask's regions give them.
-    Training maps them onto the image it shows the model (resized, flipped, turned, shifted).
+    the first and exclusive of the last pixel, as a ground-truth mask's regions give them, and
+    must lie inside it. Training maps them onto the image it shows the model (resized, flipped,
+    turned, shifted).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bboxes: list[list[float]]
-    desc: str
     width: int = Field(gt=0)
     height: int = Field(gt=0)
 
-    @field_validator("bboxes")
-    @classmethod
-    def _boxes(cls, boxes: list[list[float]]) -> list[list[float]]:
-        return _check_boxes(boxes)
-
-    @field_validator("desc")
-    @classmethod
-    def _desc(cls, desc: str) -> str:
-        return _check_desc(desc)
-
-    def check_inside(self) -> "ExplainTarget":
+    @model_validator(mode="after")
+    def _inside(self) -> "ExplainTarget":
         for i, (_x0, _y0, x1, y1) in enumerate(self.bboxes):
             if x1 > self.width or y1 > self.height:
                 raise ValueError(f"box {i} {self.bboxes[i]} lies outside the {self.width}x{self.height} image")

@@ -84,11 +84,6 @@ class SFTRow(BaseModel):
             raise ValueError(f"label must be 0 or 1, not {v}")
         return v
 
-    @field_validator("explain")
-    @classmethod
-    def _explain(cls, v: ExplainTarget | None) -> ExplainTarget | None:
-        return None if v is None else v.check_inside()
-
 
 def read_sft(path: Path) -> list[SFTRow]:
     """Validated rows of an SFT JSONL: labels, image files and the assistant answer must agree."""
