@@ -36,6 +36,11 @@ def _check_boxes(boxes: list[list[float]]) -> list[list[float]]:
     return boxes
 
 
+def _first_outside(boxes: list[list[float]], width: float, height: float) -> int | None:
+    """Index of the first box that reaches past a width x height image, or None."""
+    return next((i for i, (_x0, _y0, x1, y1) in enumerate(boxes) if x1 > width or y1 > height), None)
+
+
 def _check_desc(desc: str) -> str:
     if not desc.strip():
         raise ValueError("desc is empty")
@@ -109,10 +114,8 @@ def parse_explanation(text: str, width: int | None = None, height: int | None = 
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "object"
         return ParsedExplanation(STATUS_INVALID, None, f"schema: {where}: {first['msg']}")
-    if width is not None and height is not None:
-        for i, (x0, y0, x1, y1) in enumerate(exp.bboxes):
-            if x1 > width or y1 > height:
-                return ParsedExplanation(STATUS_INVALID, None, f"box {i} lies outside the {width}x{height} image")
+    if width is not None and height is not None and (i := _first_outside(exp.bboxes, width, height)) is not None:
+        return ParsedExplanation(STATUS_INVALID, None, f"box {i} lies outside the {width}x{height} image")
     return ParsedExplanation(STATUS_OK, exp, None)
 
 
@@ -136,9 +139,8 @@ class ExplainTarget(Explanation):
 
     @model_validator(mode="after")
     def _inside(self) -> "ExplainTarget":
-        for i, (_x0, _y0, x1, y1) in enumerate(self.bboxes):
-            if x1 > self.width or y1 > self.height:
-                raise ValueError(f"box {i} {self.bboxes[i]} lies outside the {self.width}x{self.height} image")
+        if (i := _first_outside(self.bboxes, self.width, self.height)) is not None:
+            raise ValueError(f"box {i} {self.bboxes[i]} lies outside the {self.width}x{self.height} image")
         return self
 
 
