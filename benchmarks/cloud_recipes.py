@@ -7,7 +7,7 @@ runs than cores), so a machine with many cores (and a GPU) runs a whole study at
 use a generator seed other than the embedded default's, so no recipe is chosen on the holdout
 the pipeline reports.
 
-    # a draw: the embedded data's look and counts (times --scale), generator seed 31
+    # a draw: the embedded data's look, STUDY_BASE counts times --scale, generator seed 31
     python benchmarks/cloud_recipes.py draw /tmp/recipes/draw31 --seed 31 --scale 1
     # a study on it (writes benchmarks/results/cloud_recipes_<study>.json)
     python benchmarks/cloud_recipes.py run /tmp/recipes/draw31 --study depth --device cuda --workers 10
@@ -45,6 +45,11 @@ except ModuleNotFoundError:
     saec.__path__.append(str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+# The counts that --scale multiplies: per category, 80 good training images, 80 good and 40 per
+# defect type in test/ (the embedded default's counts until the data2 study; it now draws twice
+# these). Every study's draw and its results are stated in these units.
+STUDY_BASE = dict(n_train_good=80, n_test_good=80, n_test_defect_per_type=40)
 
 # A run: (name, seed, train overrides, tiny-model overrides, training-set scale). The scale keeps
 # the first 80*k good images of each category and 20*k images of each defect type, in list order.
@@ -87,6 +92,13 @@ STUDIES: dict[str, list[Run]] = {
         ("40ep_light", {"epochs": 40, "augment_lighting": 0.15}, {}),
     ] for s in (42, 7, 3)]
     + [("native128", s, {}, {"image_size": 128, "patch_size": 8, "window_size": 64}, None) for s in (42, 7)],
+    # the embedded recipe (32 epochs, lighting 0.15) on twice the training images for the same,
+    # 1.25 and 1.5 times the optimizer steps, on a draw at twice the counts (its holdout: 640 + 640)
+    "data2": [(n, s, tr, {}, k) for n, tr, k in [
+        ("x1_32ep", {}, 1), ("x2_16ep", {"epochs": 16}, 2),
+    ] for s in (42, 7, 3)]
+    + [("x2_20ep", s, {"epochs": 20}, {}, 2) for s in (42, 7, 3, 11, 5, 19)]
+    + [("x2_24ep", s, {"epochs": 24}, {}, 2) for s in (42, 7)],
 }
 
 
@@ -104,8 +116,7 @@ def cmd_draw(args) -> None:
     cfg = SyntheticConfig(**{  # validates the category names and counts
         **base.model_dump(), "seed": args.seed,
         "categories": args.categories.split(",") if args.categories else base.categories,
-        "n_train_good": base.n_train_good * k, "n_test_good": base.n_test_good * k,
-        "n_test_defect_per_type": base.n_test_defect_per_type * k,
+        **{name: n * k for name, n in STUDY_BASE.items()},
     })
     out = args.draw.resolve()
     generate_mvtec(out / "mvtec_ad", cfg, progress=True)
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("draw", help="render a synthetic draw and its SFT split")
     d.add_argument("draw", type=Path)
     d.add_argument("--seed", type=int, default=31)
-    d.add_argument("--scale", type=int, default=1, help="multiplies the embedded default's image counts")
+    d.add_argument("--scale", type=int, default=1, help="multiplies the study base's image counts (STUDY_BASE)")
     d.add_argument("--categories", default="", help="comma-separated MVTec categories (default: the embedded four)")
     g = sub.add_parser("regen", help="render a draw's images again from its meta.json and check them")
     g.add_argument("draw", type=Path)

@@ -24,8 +24,11 @@ from saec.tasks.telemetry import TelemetryConfig
 SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 
 
+# Per category: 160 good training images, 160 good and 80 per defect type in `test/`. The SFT
+# split takes half of the test defects (40 per type, 1,280 training images in all) and the
+# holdout the seed's 500 + 500 from the rest.
 EMBEDDED_SYNTHETIC = dict(
-    mvtec_size=128, defect_visibility=6.0, n_train_good=80, n_test_good=80, n_test_defect_per_type=40
+    mvtec_size=128, defect_visibility=6.0, n_train_good=160, n_test_good=160, n_test_defect_per_type=80
 )
 # The embedded cloud model's verdict threshold. The seed's 0.26 is calibrated for the 7B
 # model's probabilities on real MVTec AD; the tiny model learns from scratch on a 1:1 SFT split,
@@ -47,7 +50,7 @@ class DataConfig(BaseModel):
     ksdd2_root: Path | None = Field(None, description="KolektorSDD2 raw folder (source=folders)")
     # The embedded default is drawn for models trained from scratch in CPU minutes: images at
     # 128 px (the edge's input size; the tiny cloud model sees 112), defects six times as large
-    # and strong as the generator's neutral look, and 20 training examples per defect type.
+    # and strong as the generator's neutral look, and 40 training examples per defect type.
     synthetic: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**EMBEDDED_SYNTHETIC))
 
     @model_validator(mode="after")
