@@ -189,7 +189,7 @@ class CloudTrainConfig(_Strict):
     (saved with the adapter), the output layer and final norm, and LoRA r=16 on the language
     model's attention and MLP, at lr 3e-4 with batch 8 (at 1e-3 the loss stays near the class
     prior for epochs), for 20 epochs, in float32 on the CPU without gradient checkpointing (nothing
-    to save in memory at that size). A vision transformer trained from scratch on a few hundred
+    to save in memory at that size). A vision transformer trained from scratch on about a thousand
     images overfits them, so the recipe turns and flips the images of the embedded categories
     that have no orientation (carpet, grid, ring), and varies their brightness and contrast by
     up to 15 %; capsules stay as they are. The adapter interface stays the real model's: base
