@@ -86,6 +86,7 @@ def test_recipe_study_runs_are_valid_configs(tmp_path):
             tiny = TinyModelConfig(**tiny_over)
             CloudTrainConfig.tiny(tmp_path, seed=seed, resize=tiny.image_size, **train_over)
             assert k in (None, 1, 2, 4)
+            assert "epochs" in train_over, f"{study}/{name} trains for whatever CloudTrainConfig.tiny says today"
 
 
 @pytest.mark.slow
@@ -118,7 +119,8 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["epochs_override"] == 1 and rec["draw"]["holdout"] == 160
     (run,) = rec["runs"]
-    assert run["name"] == "x1_24ep" and run["train_overrides"] == {"epochs": 1}
+    # the study's pinned recipe, with --epochs over it
+    assert run["name"] == "x1_24ep" and run["train_overrides"] == {"epochs": 1, "augment_lighting": 0.0}
     # scale 1 keeps at most 80 goods per category and 20 images per defect type of the SFT list
     listed = [json.loads(line) for line in open(draw / "sft_train.jsonl")]
     assert run["train_images"] == len(subset(listed, 1)) < len(listed) == 160
