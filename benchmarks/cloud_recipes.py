@@ -50,6 +50,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 # defect type in test/ (the embedded default's counts until the data2 study; it now draws twice
 # these). Every study's draw and its results are stated in these units.
 STUDY_BASE = dict(n_train_good=80, n_test_good=80, n_test_defect_per_type=40)
+# What a draw at scale 1 trains on: every good training image, and the half of each defect type's
+# test images that the seed's SFT split (defect_train_ratio 0.5) takes.
+SUBSET_GOOD, SUBSET_DEFECT = STUDY_BASE["n_train_good"], STUDY_BASE["n_test_defect_per_type"] // 2
 
 # A run: (name, seed, train overrides, tiny-model overrides, training-set scale). The scale keeps
 # the first 80*k good images of each category and 20*k images of each defect type, in list order.
@@ -166,7 +169,7 @@ def subset(rows: list[dict], k: int) -> list[dict]:
     keep = []
     for r in rows:
         key = (r["category"], r["defect_type"])
-        if seen.get(key, 0) < (80 if r["label"] == 0 else 20) * k:
+        if seen.get(key, 0) < (SUBSET_GOOD if r["label"] == 0 else SUBSET_DEFECT) * k:
             seen[key] = seen.get(key, 0) + 1
             keep.append(r)
     return keep

@@ -161,9 +161,9 @@ class CloudTrainConfig(_Strict):
     epochs, none) and 87.2 % (32 epochs, none) to 87.8 %; 0.25 gave 84.6 %, and 40 epochs 87.5 %
     (`benchmarks/results/cloud_recipes_combine.json`), so the tiny recipe uses 0.15. Twice the
     training images did more than any recipe change: on a draw at twice those counts, the same
-    recipe on 1,257 of its 1,280 training images (at most 40 per defect type) gave 89.0 % for the
-    same number of optimizer steps (16 epochs) and 90.0 % for 1.25 times as many (20 epochs),
-    against 85.0 % on 640 of them (`cloud_recipes_data2.json`, three to six seeds each); the
+    recipe on 1,257 of its 1,280 training images (at most 40 per defect type) gave, at 0.5 without
+    test-time turns, 89.0 % for the same number of optimizer steps (16 epochs) and 90.0 % for 1.25
+    times as many (20 epochs), against 85.0 % on 640 of them (`cloud_recipes_data2.json`, three to six seeds each); the
     embedded data now holds 1,280 and the tiny recipe runs 20 epochs.
 
     `explain_turn=True` teaches explanations along with verdicts: every defect example whose SFT
