@@ -33,6 +33,7 @@ SOURCE_IMAGES = pa.schema(
         ("mode", _str),  # PIL mode as stored on disk: L, RGB, RGBA, P, I;16 ...
         ("format", _str),  # PNG, JPEG, ...
         ("bytes", _i64),
+        ("outside_root", _bool),  # the file's resolved path lies outside the resolved dataset root (a link led out)
     ]
 )
 

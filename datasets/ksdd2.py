@@ -102,6 +102,7 @@ def read_ksdd2(
                 category="ksdd2",
                 defect_type="defect" if label else "good",
                 split=split,
+                root=root,
                 mask_path=str(mask.resolve()),
             )
         )

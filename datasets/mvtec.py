@@ -126,6 +126,7 @@ def read_mvtec(
                             category=cat,
                             defect_type=cls_dir.name,
                             split=split_dir.name,
+                            root=root,
                             mask_path=str(mask.resolve()) if mask is not None else None,
                         )
                     )

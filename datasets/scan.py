@@ -27,6 +27,7 @@ class Candidate:
     category: str
     defect_type: str
     split: str
+    root: Path  # the dataset root the layout was read from (rel_path is relative to it)
     mask_path: str | None = None
 
 
@@ -90,11 +91,13 @@ def probe_candidates(
 
     Byte-identical files are one image: the first (train before test, then by path) is
     kept and each further copy is quarantined as a duplicate, naming the file it repeats.
+    A row's `outside_root` says its file, links resolved, lies outside its candidate's root.
     """
     cands = sorted(candidates, key=lambda c: (c.split != "train", c.rel_path))
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     rows: list[dict] = []
     seen: dict[str, str] = {}
+    real_roots: dict[Path, Path] = {}
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(lambda c: _probe_one(c, max_pixels), cands)
         if progress:
@@ -109,10 +112,13 @@ def probe_candidates(
                 quarantine.add(cand.path, "image", "duplicate", f"same bytes as {seen[digest]}")
                 continue
             seen[digest] = cand.rel_path
+            real = cand.path.resolve()  # a link led outside the root if this is not under the root's real path
+            if cand.root not in real_roots:
+                real_roots[cand.root] = cand.root.resolve()
             rows.append(
                 {
                     "image_id": digest,
-                    "path": str(cand.path.resolve()),
+                    "path": str(real),
                     "rel_path": cand.rel_path,
                     "dataset": dataset,
                     "label": cand.label,
@@ -125,11 +131,12 @@ def probe_candidates(
                     "mode": info.mode,
                     "format": info.format,
                     "bytes": info.bytes,
+                    "outside_root": not real.is_relative_to(real_roots[cand.root]),
                 }
             )
     cols = [
         "image_id", "path", "rel_path", "dataset", "label", "category", "defect_type",
-        "split", "mask_path", "width", "height", "mode", "format", "bytes",
+        "split", "mask_path", "width", "height", "mode", "format", "bytes", "outside_root",
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
 

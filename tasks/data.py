@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
-from saec.artifacts.hashing import hash_tree, sha256_file, tree_files
+from saec.artifacts.hashing import hash_followed_tree, sha256_file
 from saec.artifacts.store import StageResult, published_path, write_json_atomic, write_table
 from saec.datasets.images import DEFAULT_MAX_PIXELS
 from saec.datasets.ksdd2 import read_ksdd2
@@ -56,10 +56,17 @@ class ScanConfig(BaseModel):
 
 
 def fingerprint(root: str | Path, kind: str) -> DatasetRef:
-    """Content hash of a dataset folder: every file's relative path and bytes."""
+    """Content hash of a dataset folder as the readers see it (the scan stages' cache key).
+
+    The readers follow links, so the hash does too (`hash_followed_tree`): every file's
+    relative path and the bytes read through any links, where a linked file resolves to
+    (inside the root, or outside it), and every broken link and link loop. Editing a file
+    inside a symlinked category, or creating, fixing or removing a broken link, changes it.
+    For a tree of regular files it is `hash_tree`'s hash.
+    """
     root = Path(root).resolve()
-    files = tree_files(root)
-    return DatasetRef(kind=kind, path=str(root), sha256=hash_tree(root, files), files=len(files))
+    sha256, files = hash_followed_tree(root)
+    return DatasetRef(kind=kind, path=str(root), sha256=sha256, files=files)
 
 
 def _place(src: Path, dst: Path, link: str) -> None:

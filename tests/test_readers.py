@@ -1,6 +1,7 @@
 """Image reading and the MVTec AD / KolektorSDD2 readers, on real files with every kind of bad input."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_ksdd2, noise, save
+from conftest import make_ksdd2, make_mvtec, noise, save
 from saec.datasets.images import BadImage, load_image, probe_image
 from saec.datasets.ksdd2 import read_ksdd2
 from saec.datasets.mvtec import read_mvtec
@@ -221,3 +222,97 @@ def test_readers_read_unmodified_third_party_files_in_both_layouts(tmp_path):
         save(kroot / "train" / f"{stem}_GT.png", mask)
     kscan = read_ksdd2(kroot)
     assert len(kscan.images) == 6 and int(kscan.images.label.sum()) == 3
+
+
+# ----------------------------------------------------------------------------- links: scan cache key and outside_root
+
+
+def _fp(root: Path) -> str:
+    from saec.tasks.data import fingerprint
+
+    return fingerprint(root, "mvtec_ad").sha256
+
+
+def _linked_category(tmp_path: Path) -> tuple[Path, Path]:
+    """An MVTec AD tree under tmp/data whose category alpha/ is a link to tmp/elsewhere/alpha."""
+    root = make_mvtec(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    (root / "alpha").rename(tmp_path / "elsewhere" / "alpha")
+    (root / "alpha").symlink_to(tmp_path / "elsewhere" / "alpha", target_is_directory=True)
+    return root, tmp_path / "elsewhere"
+
+
+def test_fingerprint_sees_changes_inside_a_symlinked_category(tmp_path):
+    from saec.tasks.data import fingerprint
+
+    root, elsewhere = _linked_category(tmp_path)
+    before = fingerprint(root, "mvtec_ad")
+    assert before.files == 2 * (4 + 3 + 2 * 2 + 2 * 2)  # images and masks of both categories
+    assert len(read_mvtec(root).images) == 2 * (4 + 3 + 2 * 2)  # the reader reads the linked category too
+    save(elsewhere / "alpha" / "test" / "good" / "000.png", noise((32, 32, 3), 777))
+    assert _fp(root) != before.sha256
+    before = _fp(root)
+    save(elsewhere / "alpha" / "test" / "good" / "100.png", noise((32, 32, 3), 778))  # a new file in the target
+    assert _fp(root) != before
+
+
+def test_fingerprint_changes_when_a_broken_mask_link_is_created_fixed_or_removed(mvtec_tree):
+    mask = mvtec_tree / "alpha" / "ground_truth" / "scratch" / "005_mask.png"
+    plain = _fp(mvtec_tree)
+    mask.symlink_to(mvtec_tree / "gone" / "005_mask.png")
+    broken = _fp(mvtec_tree)
+    assert broken != plain
+    mask.unlink()
+    assert _fp(mvtec_tree) == plain  # removing it gives the plain tree's key back
+    mask.symlink_to(mvtec_tree / "alpha" / "ground_truth" / "scratch" / "000_mask.png")  # a link that works
+    assert _fp(mvtec_tree) not in (plain, broken)
+
+
+def test_fingerprint_of_a_tree_with_link_loops_finishes(mvtec_tree):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from saec.tasks.data import fingerprint
+
+    plain = fingerprint(mvtec_tree, "mvtec_ad")
+    (mvtec_tree / "alpha" / "test" / "good" / "back").symlink_to("..", target_is_directory=True)  # -> alpha/test
+    (mvtec_tree / "beta" / "ground_truth" / "top").symlink_to("../..", target_is_directory=True)  # -> the root
+    with ThreadPoolExecutor(1) as pool:
+        looped = pool.submit(fingerprint, mvtec_tree, "mvtec_ad").result(timeout=60)
+    assert looped.files == plain.files  # nothing entered twice
+    assert looped.sha256 != plain.sha256  # but the loops are part of the key
+    (mvtec_tree / "beta" / "ground_truth" / "top").unlink()
+    (mvtec_tree / "alpha" / "test" / "good" / "back").unlink()
+    assert _fp(mvtec_tree) == plain.sha256
+
+
+def test_plain_tree_fingerprint_is_hash_tree_and_odd_names_hash(mvtec_tree):
+    from saec.artifacts.hashing import hash_tree, tree_files
+    from saec.tasks.data import fingerprint
+
+    (mvtec_tree / ".hidden").write_text("x")
+    ref = fingerprint(mvtec_tree, "mvtec_ad")
+    root = mvtec_tree.resolve()
+    assert ref.sha256 == hash_tree(root) and ref.files == len(tree_files(root))
+    odd = os.fsencode(mvtec_tree / "alpha" / "test") + b"/caf\xe9.txt"  # Latin-1, not UTF-8
+    with open(odd, "wb") as fh:
+        fh.write(b"notes")
+    assert fingerprint(mvtec_tree, "mvtec_ad").sha256 != ref.sha256
+
+
+def test_scan_marks_images_reached_through_a_link_outside_the_root(tmp_path):
+    from saec.artifacts.schemas import conform
+
+    root, elsewhere = _linked_category(tmp_path)
+    (root / "beta" / "test" / "good" / "009.png").symlink_to(root / "beta" / "train" / "good" / "000.png")
+    scan = read_mvtec(root)
+    imgs = scan.images
+    assert len(imgs) == 2 * (4 + 3 + 2 * 2)  # the in-root link repeats bytes: quarantined as a duplicate
+    assert imgs[imgs.category == "alpha"].outside_root.all() and len(imgs[imgs.category == "alpha"]) == 11
+    assert not imgs[imgs.category == "beta"].outside_root.any()
+    assert conform(imgs, "source_images").schema.field("outside_root").type == "bool"
+
+    kroot = make_ksdd2(tmp_path / "ksdd2")
+    (kroot / "test").rename(tmp_path / "ksdd2_test")
+    (kroot / "test").symlink_to(tmp_path / "ksdd2_test", target_is_directory=True)
+    kimgs = read_ksdd2(kroot).images
+    assert (kimgs.outside_root == (kimgs.split == "test")).all() and kimgs.outside_root.any()
