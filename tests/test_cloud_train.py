@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,6 +371,51 @@ def test_resume_refuses_a_changed_config(tiny, sft, tmp_path):
     train_vlm(tiny_cfg(tiny, max_steps=2), sft, None, tmp_path / "work", tmp_path / "out")
     with pytest.raises(ResumeError, match="config"):
         train_vlm(tiny_cfg(tiny, max_steps=2, lr=1e-4), sft, None, tmp_path / "work", tmp_path / "out")
+
+
+class _Marker:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_reads_no_pickle(tiny, sft, tmp_path):
+    import pickle
+
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tiny, max_steps=2, checkpoint_every=1, lora_dropout=0.1)
+    work, marker = tmp_path / "work", tmp_path / "unpickled"
+    train_vlm(cfg, sft, None, work, tmp_path / "out")
+    step1, step2 = work / "checkpoints" / "step-00000001", work / "checkpoints" / "step-00000002"
+    assert {"rng.json", "rng.safetensors"} <= {p.name for p in step1.iterdir()}
+    assert not list(step1.glob("rng.pt"))
+    shutil.rmtree(step2)
+    # a stray rng.pt is never read: resuming uses rng.json and rng.safetensors, and is exact
+    (step1 / "rng.pt").write_bytes(pickle.dumps(_Marker(marker)))
+    summary = train_vlm(cfg, sft, None, work, tmp_path / "out2")
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2 and not marker.exists()
+    a = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "out2" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # a checkpoint of the older format (rng.pt, no rng.json) is refused without reading rng.pt
+    shutil.rmtree(step2)
+    rng_json = (step1 / "rng.json").read_text()
+    (step1 / "rng.json").unlink()
+    with pytest.raises(ResumeError, match=r"rng\.pt.*delete .*checkpoints to start over"):
+        train_vlm(cfg, sft, None, work, tmp_path / "out3")
+    assert not marker.exists()
+    # a crafted optimizer.pt fails to load (weights_only) instead of running
+    (step1 / "rng.json").write_text(rng_json)
+    (step1 / "optimizer.pt").write_bytes(pickle.dumps(_Marker(marker), protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        train_vlm(cfg, sft, None, work, tmp_path / "out4")
+    assert not marker.exists()
 
 
 def test_qlora_nf4_keeps_the_merger_trainable(tiny, sft, tmp_path):

@@ -442,23 +442,40 @@ def _check_trainable(model, loaded: LoadedVLM, cfg: CloudTrainConfig) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
+def _save_rng_state(folder: Path) -> None:
+    """The random states, without pickle: torch's and numpy's key arrays in rng.safetensors, the rest in rng.json."""
     import torch
+    from safetensors.torch import save_file
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    n_cuda = 0
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        cuda = torch.cuda.get_rng_state_all()
+        tensors |= {f"cuda.{i}": t for i, t in enumerate(cuda)}
+        n_cuda = len(cuda)
+    save_file(tensors, str(folder / "rng.safetensors"))
+    record = {"python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+              "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached_gaussian)},
+              "cuda_devices": n_cuda}
+    (folder / "rng.json").write_text(json.dumps(record))
 
 
-def _set_rng_state(state: dict) -> None:
+def _load_rng_state(folder: Path) -> None:
     import torch
+    from safetensors.torch import load_file
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    record = json.loads((folder / "rng.json").read_text())
+    tensors = load_file(str(folder / "rng.safetensors"))
+    py, npy = record["python"], record["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(tensors["torch"])
+    if record["cuda_devices"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"cuda.{i}"] for i in range(record["cuda_devices"])])
 
 
 def _seed_all(seed: int) -> None:
@@ -547,7 +564,7 @@ def save_checkpoint(work_dir: Path, state: TrainState, model, optimizer, schedul
         save_file(average.state_dict(), str(tmp / "average.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    _save_rng_state(tmp)
     _log_frame_write(log_rows, tmp / LOG_NAME)
     record = {"state": state.__dict__, "fingerprint": fingerprint, "seed": seed,
               "order": epoch_order(seed, state.epoch, n_examples).tolist()}  # the data order of the next epoch step
@@ -571,6 +588,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict,
 
     from saec.artifacts.store import read_table
 
+    if not (ckpt / "rng.json").is_file():
+        kept = "in rng.pt, an older format that is no longer read" if (ckpt / "rng.pt").exists() else "nowhere"
+        raise ResumeError(f"checkpoint {ckpt} keeps its random states {kept}; delete {ckpt.parent} to start over")
     record = json.loads((ckpt / "state.json").read_text())
     theirs = record["fingerprint"]
     diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
@@ -593,7 +613,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, fingerprint: dict,
         average.load_state_dict(load_file(str(ckpt / "average.safetensors")))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    _load_rng_state(ckpt)
     state = TrainState(**record["state"])
     if record["order"] != epoch_order(record["seed"], state.epoch, len(record["order"])).tolist():
         raise ResumeError(f"checkpoint {ckpt}: the data order cannot be reproduced (numpy's generator changed?)")
