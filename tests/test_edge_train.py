@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from saec.artifacts.schemas import SCHEMAS
 from saec.artifacts.store import read_table
 from saec.tasks.edge.config import EdgeConfig
-from saec.tasks.edge.model import load_classifier
+from saec.tasks.edge.model import load_classifier, model_id_of
 from saec.tasks.edge.predict import predict_edge
 from saec.tasks.edge.train import build_imagefolder, read_sft_jsonl, train_edge
 
@@ -89,24 +90,31 @@ def test_imagefolder_refuses_bad_splits(sft, tmp_path):
         train_edge(EdgeConfig(mode="imagenet_rule"), sft["train"], sft["val"], tmp_path / "w", tmp_path / "o")
 
 
-def test_train_then_predict_supervised(sft, tmp_path):
+@pytest.fixture(scope="module")
+def trained(sft, tmp_path_factory) -> tuple[EdgeConfig, dict, Path]:
+    """One training run for the module: (config, train_edge's summary, its work folder)."""
+    root = tmp_path_factory.mktemp("edge-train")
     cfg = EdgeConfig(mode="supervised", imgsz=32, batch_size=5, progress=False,
                      train={"epochs": 2, "batch": 8, "auto_augment": None})
-    info = train_edge(cfg, sft["train"], sft["val"], tmp_path / "work", tmp_path / "out")
-    best = Path(info["best"])
-    assert best == (tmp_path / "out" / "best.pt").resolve() and best.is_file()
+    return cfg, train_edge(cfg, sft["train"], sft["val"], root / "work", root / "out"), root / "work"
+
+
+def test_train_then_predict_supervised(sft, trained, tmp_path):
+    cfg, info, work = trained
+    model = Path(info["model"])
+    assert model.name == "model.json" and model.is_file()
+    assert Path(info["weights"]) == model.with_name("model.safetensors") and Path(info["weights"]).is_file()
     assert sorted(info["names"].values()) == ["defect", "good"] and info["epochs_run"] == 2
     # the last epoch's weights by default (the val split may share images with the evaluation set)
     assert info["checkpoint"] == "last"
-    assert best.read_bytes() == (tmp_path / "work" / "run" / "weights" / "last.pt").read_bytes()
     assert info["val_top1"] == info["val_top1_by_epoch"][-1]
-    assert info["model_id"] == hashlib.sha256(best.read_bytes()).hexdigest()[:16]
+    assert info["model_id"] == model_id_of(model)
     assert 0.0 <= info["val_top1"] <= 1.0 and len(info["val_top1_by_epoch"]) == 2
-    loaded = load_classifier(best)
+    loaded = load_classifier(model)
     assert loaded.num_classes == 2
 
     holdout = read_sft_jsonl(sft["holdout"])
-    run = predict_edge(cfg, holdout, tmp_path / "edge.parquet", tmp_path / "cache", weights=best)
+    run = predict_edge(cfg, holdout, tmp_path / "edge.parquet", tmp_path / "cache", weights=model)
     df = read_table(tmp_path / "edge.parquet")
     assert list(df.columns) == SCHEMAS["edge_predictions"].names and len(df) == len(holdout)
     assert df.image_id.tolist() == holdout.image_id.tolist()
@@ -119,3 +127,50 @@ def test_train_then_predict_supervised(sft, tmp_path):
     h = -(p * np.log(np.clip(p, 1e-300, 1)) + (1 - p) * np.log(np.clip(1 - p, 1e-300, 1))) / math.log(2)
     np.testing.assert_allclose(df.entropy, h, atol=1e-9)
     assert set(df.top1_name) <= {"good", "defect"} and run["defect_threshold"] == 0.5
+
+
+def test_trained_model_is_kept_without_pickle(sft, trained, tmp_path, monkeypatch):
+    import torch
+
+    from saec.tasks.edge.preprocess import load_classify, to_nchw_float
+
+    cfg, info, work = trained
+    out = Path(info["model"]).parent
+    assert not list(out.glob("*.pt"))
+    for f in out.iterdir():  # neither a pickle nor torch's zip of one
+        head = f.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f.name
+    holdout = read_sft_jsonl(sft["holdout"])
+    x = torch.from_numpy(to_nchw_float(np.stack([load_classify(p, cfg.imgsz) for p in holdout.path])))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was read")
+
+    with monkeypatch.context() as m:
+        for name in ("load", "loads", "Unpickler"):
+            m.setattr(pickle, name, refuse)
+        m.setattr(torch, "load", refuse)
+        loaded = load_classifier(info["model"])
+        with torch.inference_mode():
+            got = loaded.module(x)
+    # the same logits as the module the trainer wrote (its last epoch), loaded as Ultralytics does
+    reference = load_classifier(work / "run" / "weights" / "last.pt")
+    with torch.inference_mode():
+        want = reference.module(x)
+    assert torch.equal(got, want) and loaded.names == reference.names
+    # the model id follows the content of both files, not their folder
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("model.json", "model.safetensors"):
+        (copy / f).write_bytes((out / f).read_bytes())
+    assert model_id_of(copy / "model.json") == info["model_id"]
+    (copy / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes() + b" ")
+    assert model_id_of(copy / "model.json") != info["model_id"]
+    # and the same predictions
+    a = predict_edge(cfg, holdout, tmp_path / "a.parquet", tmp_path / "cache", weights=info["model"])
+    last = work / "run" / "weights" / "last.pt"
+    b = predict_edge(cfg, holdout, tmp_path / "b.parquet", tmp_path / "cache", weights=last)
+    assert a["runtime"] == b["runtime"]
+    pa, pb = read_table(tmp_path / "a.parquet"), read_table(tmp_path / "b.parquet")
+    np.testing.assert_array_equal(pa.p_defect, pb.p_defect)
+    assert pa.verdict.tolist() == pb.verdict.tolist()

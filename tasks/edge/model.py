@@ -1,4 +1,8 @@
-"""Loading the edge classifier, exporting it to ONNX (cached), and the two CPU runtimes.
+"""Loading and saving the edge classifier, exporting it to ONNX (cached), and the two CPU runtimes.
+
+A trained classifier is kept without pickle: ``model.safetensors`` (the float32 state dict)
+beside ``model.json`` (the Ultralytics model definition, class names, imgsz and the versions
+it was written with); `load_classifier` rebuilds the module from the definition.
 
 Both runtimes return raw logits for a float32 NCHW batch; the confidence measures are
 computed from the logits afterwards, the same way for both. The ONNX graph is exported
@@ -20,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from saec.artifacts.hashing import hash_obj, sha256_file
-from saec.artifacts.store import atomic_path, write_json_atomic
+from saec.artifacts.store import atomic_path, write_bytes_atomic, write_json_atomic
 from saec.tasks.edge.config import EdgeConfig, find_model_yaml
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,10 @@ log = logging.getLogger(__name__)
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
 EXPORT_RTOL = 1e-4  # max |logit_ort - logit_torch| / max(1, max |logit|) accepted when a graph is exported
+SAVED_FORMAT = "saec-edge-classifier"
+SAVED_MODEL = "model.json"
+SAVED_WEIGHTS = "model.safetensors"
+SAVE_RTOL = 1e-6  # max |logit difference| / max(1, max |logit|) between a saved model and the module it came from
 
 
 class EdgeModelError(RuntimeError):
@@ -73,9 +81,40 @@ class LoadedModel:
         return len(self.names)
 
 
+def _is_saved(weights: str | Path) -> bool:
+    return Path(weights).suffix.lower() == ".json"
+
+
+def _read_saved(model_json: str | Path) -> tuple[dict[str, Any], Path]:
+    """The metadata of a model.json written by `save_classifier`, and the path of its weights file."""
+    model_json = Path(model_json)
+    if not model_json.is_file():
+        raise EdgeModelError(f"edge model file {model_json} does not exist")
+    try:
+        meta = json.loads(model_json.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgeModelError(f"cannot read edge model {model_json}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != SAVED_FORMAT:
+        raise EdgeModelError(f"{model_json} is not an edge model written by save_classifier (format {SAVED_FORMAT!r})")
+    missing = sorted({"weights", "weights_sha256", "yaml", "names"} - set(meta))
+    if missing:
+        raise EdgeModelError(f"edge model {model_json} lacks {missing}")
+    weights = model_json.parent / meta["weights"]
+    if not weights.is_file():
+        raise EdgeModelError(f"the weights {weights} of edge model {model_json} do not exist")
+    return meta, weights
+
+
 def model_id_of(weights: str | Path, seed: int = 0) -> str:
-    """Identity of a model's weights: the file's sha256 (16 hex), or for a .yaml, of (definition, seed, versions)."""
+    """Identity of a model's weights (16 hex).
+
+    A checkpoint: the file's sha256; a saved model.json: the sha256 of it and of its
+    model.safetensors; a .yaml: "yaml-" and the hash of (definition, seed, versions).
+    """
     weights = str(weights)
+    if _is_saved(weights):
+        _, tensors = _read_saved(weights)
+        return hash_obj({"model": sha256_file(weights), "weights": sha256_file(tensors)})[:16]
     if Path(weights).suffix.lower() in (".yaml", ".yml"):
         import torch
 
@@ -112,15 +151,45 @@ def _logits_module(model: Any) -> Any:
     return ClassifierLogits(model).eval()
 
 
+def _load_saved(model_json: str | Path) -> Any:
+    """The ClassificationModel of a saved model.json, rebuilt from its definition; nothing is unpickled."""
+    import torch
+    from safetensors.torch import load_file
+
+    ultralytics()
+    from ultralytics.nn.tasks import ClassificationModel
+
+    meta, tensors = _read_saved(model_json)
+    if sha256_file(tensors) != meta["weights_sha256"]:
+        raise EdgeModelError(f"{tensors} is not the weights file {model_json} was written with")
+    names = {int(k): str(v) for k, v in meta["names"].items()}
+    with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the global RNG stays
+        net = ClassificationModel(cfg=json.loads(json.dumps(meta["yaml"])), nc=len(names), verbose=False)
+    net.load_state_dict(load_file(str(tensors)), strict=True)
+    net.names = names
+    return net
+
+
 def load_classifier(weights: str | Path, seed: int = 0) -> LoadedModel:
-    """Load a YOLO classification checkpoint, or build one from a model .yaml with seeded random weights."""
+    """Load an edge classifier; `weights` is one of
+
+    * a model .yaml: built with random weights seeded by `seed`;
+    * a model.json written by `save_classifier`: rebuilt from its definition, with the
+      weights of the model.safetensors it names (nothing is unpickled);
+    * any other file: a YOLO classification checkpoint (.pt) of the user's, loaded by Ultralytics.
+    """
     import torch
 
     ul = ultralytics()
     weights = str(weights)
     from_yaml = Path(weights).suffix.lower() in (".yaml", ".yml")
+    if Path(weights).suffix.lower() == ".safetensors":
+        raise EdgeModelError(f"{weights}: load a saved edge model by its {SAVED_MODEL}")
     try:
-        if from_yaml:
+        if _is_saved(weights):
+            yolo = None
+            net = _load_saved(weights)
+        elif from_yaml:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 yolo = ul.YOLO(weights, task="classify")
@@ -132,9 +201,11 @@ def load_classifier(weights: str | Path, seed: int = 0) -> LoadedModel:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint is reported with its file
         raise EdgeModelError(f"cannot load edge model from {weights}: {type(exc).__name__}: {exc}") from exc
-    if yolo.task != "classify":
-        raise EdgeModelError(f"{weights} is a {yolo.task!r} model; the edge needs a classification (-cls) model")
-    net = yolo.model.float().eval()
+    if yolo is not None:
+        if yolo.task != "classify":
+            raise EdgeModelError(f"{weights} is a {yolo.task!r} model; the edge needs a classification (-cls) model")
+        net = yolo.model
+    net = net.float().eval()
     for p in net.parameters():
         p.requires_grad_(False)
     net.fuse()
@@ -148,11 +219,61 @@ def load_classifier(weights: str | Path, seed: int = 0) -> LoadedModel:
     )
 
 
+def save_classifier(net: Any, imgsz: int, out_dir: str | Path) -> LoadedModel:
+    """Write a ClassificationModel as out_dir/model.safetensors and out_dir/model.json; return it loaded back.
+
+    model.safetensors holds the float32 state dict (unfused), model.json the model's
+    definition (Ultralytics' `model.yaml`), class names, `imgsz`, the weights file's name and
+    sha256, and the Ultralytics and torch versions. The loaded model must give `net`'s
+    logits on a seeded batch, or both files are removed. `net` itself is left as it is.
+    """
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+
+    ul = ultralytics()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_json, tensors = out_dir / SAVED_MODEL, out_dir / SAVED_WEIGHTS
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    with atomic_path(tensors) as tmp:
+        save_file(state, str(tmp), metadata={"format": SAVED_FORMAT})
+    meta = {
+        "format": SAVED_FORMAT,
+        "task": "classify",
+        "weights": SAVED_WEIGHTS,
+        "weights_sha256": sha256_file(tensors),
+        "yaml": net.yaml,
+        "names": {str(k): str(v) for k, v in dict(net.names).items()},
+        "imgsz": int(imgsz),
+        "ultralytics": ul.__version__,
+        "torch": torch.__version__,
+    }
+    write_bytes_atomic(model_json, (json.dumps(meta, indent=2) + "\n").encode())
+    try:
+        loaded = load_classifier(model_json)
+        reference = copy.deepcopy(net).float().eval()
+        reference.fuse(verbose=False)
+        x = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            want, got = _logits_module(reference)(x), loaded.module(x)
+        diff = float((want - got).abs().max())
+        if not diff <= SAVE_RTOL * max(1.0, float(want.abs().max())):
+            raise EdgeModelError(f"the edge model saved to {out_dir} differs from the trained one by {diff:.2e} in logits")
+    except BaseException:
+        model_json.unlink(missing_ok=True)
+        tensors.unlink(missing_ok=True)
+        raise
+    return loaded
+
+
 class EdgeModel:
     """A classifier named by its weights; the PyTorch module is loaded only when it is needed.
 
-    With a cached ONNX graph, inference never loads the checkpoint into PyTorch: the class
-    names come from the cache's metadata and the identity from the file's hash.
+    With a cached ONNX graph, inference never loads the weights into PyTorch: the class
+    names come from the cache's metadata and the identity from the files' hashes.
     """
 
     def __init__(self, weights: str | Path, seed: int = 0, loaded: LoadedModel | None = None):

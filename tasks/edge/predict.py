@@ -72,7 +72,7 @@ def defect_index(names: dict[int, str]) -> int:
 
 
 def resolve_model(cfg: EdgeConfig, weights: str | Path | None = None) -> EdgeModel:
-    """The model the config names, or `weights` (a trained best.pt) when given."""
+    """The model the config names, or `weights` (a trained model.json) when given."""
     return EdgeModel(weights if weights is not None else cfg.weights, seed=cfg.seed)
 
 
@@ -195,7 +195,7 @@ def predict_edge(
     """Classify every image of `manifest` (columns image_id, path) and write `edge_predictions` Parquet.
 
     imagenet_rule: verdict = the seed's rule with `thresholds` (or the config's, when all three
-    are set); p_defect is null. supervised: `weights` is the trained best.pt (default: the
+    are set); p_defect is null. supervised: `weights` is the trained model.json (default: the
     config's weights, which must then be a good/defect model); verdict = p_defect >=
     cfg.defect_threshold. With precision=int8, `int8_calibration` are the images the
     quantization is calibrated on (default: a seeded sample of the manifest's images).

@@ -22,7 +22,8 @@ def train_edge_task(store: str, sft: StageResult, cfg: EdgeConfig) -> StageResul
 
     def build(out: Path, work: Path):
         info = train_edge(cfg, sft.path("train_jsonl"), sft.path("val_jsonl"), work, out)
-        files = {"weights": out / "best.pt", "summary": write_json_atomic(out / "train_summary.json", info)}
+        files = {"weights": out / "model.safetensors", "model": out / "model.json",
+                 "summary": write_json_atomic(out / "train_summary.json", info)}
         return files, jsonable(info)
 
     return run_stage(store, "train_edge", TRAIN, dict(sft=sft, cfg=cfg), build, work_dir=True)
@@ -44,7 +45,7 @@ def predict_edge_task(
 
     def build(out: Path):
         manifest = images.table(table)
-        weights = trained.path("weights") if trained is not None else None
+        weights = trained.path("model") if trained is not None else None
         cache = Path(store) / "cache" / "edge"
 
         def compute():

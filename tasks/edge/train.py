@@ -3,8 +3,9 @@
 The SFT JSONL files are laid out as the ImageFolder Ultralytics' classification trainer
 reads (``train/{good,defect}``, ``val/{good,defect}``, symlinks named by image id), and
 the trainer runs on the CPU, seeded and deterministic. The class folders sort as
-``defect`` (0), ``good`` (1); the checkpoint's `names` say so and inference looks the
-defect index up by name, never by position.
+``defect`` (0), ``good`` (1); the saved model's `names` say so and inference looks the
+defect index up by name, never by position. The trained model is kept without pickle
+(model.safetensors and model.json, see `saec.tasks.edge.model.save_classifier`).
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from saec.artifacts.hashing import sha256_file
 from saec.artifacts.store import atomic_path
 from saec.tasks.edge.config import EdgeConfig
-from saec.tasks.edge.model import EdgeModelError, load_classifier, ultralytics
+from saec.tasks.edge.model import SAVED_MODEL, SAVED_WEIGHTS, EdgeModelError, save_classifier, ultralytics
 from saec.tasks.edge.predict import defect_index
 
 CLASS_DIRS = {0: "good", 1: "defect"}
@@ -99,13 +99,14 @@ def train_edge(
     work_dir: str | Path,
     out_dir: str | Path,
 ) -> dict[str, Any]:
-    """Train the two-class edge classifier; write out_dir/best.pt and out_dir/train_results.csv.
+    """Train the two-class edge classifier; write out_dir/model.json, out_dir/model.safetensors and
+    out_dir/train_results.csv.
 
     From the config's .yaml the model starts from seeded random weights (the embedded
     default); from a .pt checkpoint it is fine-tuned (Ultralytics replaces its head with a
-    two-class one). out_dir/best.pt is the checkpoint `cfg.train.checkpoint` names: by
+    two-class one). The saved model is the checkpoint `cfg.train.checkpoint` names: by
     default the last epoch's, because the SFT val split Ultralytics would select on holds
-    the same images as the MVTec holdout. Returns its path, model id, class names,
+    the same images as the MVTec holdout. Returns the model's paths, model id, class names,
     validation top-1 accuracy per epoch and timings.
     """
     if cfg.mode != "supervised":
@@ -153,14 +154,16 @@ def train_edge(
     if not chosen.is_file():
         raise EdgeModelError(f"Ultralytics finished without writing {chosen}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "best.pt") as tmp:
-        shutil.copyfile(chosen, tmp)
+    try:  # the run's checkpoint is a pickle this process just wrote: read once, kept without pickle
+        trained = ul.YOLO(str(chosen), task="classify").model
+    except Exception as exc:  # noqa: BLE001 - name the file
+        raise EdgeModelError(f"cannot read the trained checkpoint {chosen}: {type(exc).__name__}: {exc}") from exc
+    loaded = save_classifier(trained, cfg.imgsz, out_dir)  # loaded back from the saved files
+    defect_index(loaded.names)
     results_csv = run_dir / "results.csv"
     if results_csv.is_file():
         with atomic_path(out_dir / "train_results.csv") as tmp:
             shutil.copyfile(results_csv, tmp)
-    loaded = load_classifier(out_dir / "best.pt")  # proves the checkpoint loads and is a good/defect model
-    defect_index(loaded.names)
     history = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
     history.columns = [c.strip() for c in history.columns]
     by_epoch = [float(x) for x in history.get("metrics/accuracy_top1", [])]
@@ -169,9 +172,10 @@ def train_edge(
     else:
         val_top1 = by_epoch[-1] if by_epoch else None
     return {
-        "best": str((out_dir / "best.pt").resolve()),
+        "model": str((out_dir / SAVED_MODEL).resolve()),
+        "weights": str((out_dir / SAVED_WEIGHTS).resolve()),
         "results_csv": str((out_dir / "train_results.csv").resolve()) if results_csv.is_file() else None,
-        "model_id": sha256_file(out_dir / "best.pt")[:16],
+        "model_id": loaded.model_id,
         "names": {str(k): v for k, v in loaded.names.items()},
         "counts": counts,
         "epochs_run": int(len(history)),
