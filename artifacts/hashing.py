@@ -1,9 +1,7 @@
-"""Content hashes: of files, of folders of files, of configs and of code."""
+"""Content hashes: of files, of folders of files, of configs (code versions: saec.artifacts.code)."""
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import os
 import stat
@@ -20,6 +18,43 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Files at least this large have their hash remembered between processes (model weights: a 7B
+# checkpoint is 15 GB), keyed by what changes whenever the bytes do: path, size, inode, and the
+# modification and change times in nanoseconds (no tool can set the change time).
+REMEMBER_HASH_BYTES = 64 << 20
+_REMEMBERED: dict[str, str] | None = None
+
+
+def _remembered_path() -> Path:
+    home = os.environ.get("SAEC_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saec"
+    return Path(home) / "file-hashes.json"
+
+
+def sha256_file_cached(path: str | Path) -> str:
+    """sha256 of a file; for a large one, remembered by its (path, size, inode, mtime, ctime)."""
+    global _REMEMBERED
+    st = os.stat(path)
+    if st.st_size < REMEMBER_HASH_BYTES:
+        return sha256_file(path)
+    where = _remembered_path()
+    if _REMEMBERED is None:
+        try:
+            _REMEMBERED = json.loads(where.read_text())
+        except (OSError, ValueError):
+            _REMEMBERED = {}
+    ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_dev}:{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    if ident not in _REMEMBERED:
+        _REMEMBERED[ident] = sha256_file(path)
+        try:  # best effort: a lost entry only costs hashing the file again
+            where.parent.mkdir(parents=True, exist_ok=True)
+            tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_REMEMBERED))
+            os.replace(tmp, where)
+        except OSError:
+            pass
+    return _REMEMBERED[ident]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -136,7 +171,7 @@ def follow_tree(root: str | Path) -> list[TreeEntry]:
 
 def _digest_or_error(path: str) -> str:
     try:
-        return sha256_file(path)
+        return sha256_file_cached(path)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
 
@@ -171,13 +206,3 @@ def hash_followed_tree(root: str | Path, workers: int | None = None) -> tuple[st
             h.update(os.fsencode(e.note))
         h.update(b"\n")
     return h.hexdigest(), len(paths)
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source text of the named modules: a stage's code version."""
-    h = hashlib.sha256()
-    for name in sorted(set(modules)):
-        module = importlib.import_module(name)
-        h.update(name.encode())
-        h.update(inspect.getsource(module).encode())
-    return h.hexdigest()[:16]

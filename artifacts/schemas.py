@@ -209,6 +209,15 @@ DRIFT = pa.schema(
 )
 # ---- end drift
 
+# Columns that record how a run went (timings, batching), not what it computed. A table's identity
+# for the stages that read it leaves them out, so re-running a stage that computes the same values
+# does not re-run everything after it.
+MEASURED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "cloud_scores": ("batch_index", "batch_size", "batch_seconds", "wait_seconds"),
+    "edge_predictions": ("batch_index", "batch_seconds", "wait_seconds"),
+    "cloud_train_log": ("images_per_s", "tokens_per_s", "step_seconds", "elapsed_s", "session"),
+}
+
 SCHEMAS: dict[str, pa.Schema] = {
     "source_images": SOURCE_IMAGES,
     "quarantine": QUARANTINE,

@@ -3,20 +3,30 @@
 Layout under the store root (git-ignored):
 
     stages/<stage>/<key>/          one finished stage output; <key> is its cache key
-        _stage.json                what the stage wrote: outputs with content hashes, counts
+        _stage.json                what the stage wrote: outputs, every file with its size and hash
         *.parquet, ...
-    runs/<run_id>/run.json         which stage outputs a run used, and whether each was cached
-    prefect/                       Prefect's persisted task results (cache records)
+    stages/<stage>/.<key>.lock     held while that output is built (one builder per key)
+    work/<stage>/<key>/            what a long stage keeps between attempts (training checkpoints),
+                                   removed once its output is published
+    runs/<run_id>/run.json         which stage outputs a run used, and whether each was built or reused
 
-A stage output is built in a hidden temporary folder and renamed into place when
-complete, so a crash never leaves a half-written output under its final name.
-Tables are written to a temporary file and renamed the same way.
+A stage output is built in a hidden temporary folder under its key's lock and renamed into
+place, record included, when complete: a crash never leaves a half-written output under its
+final name, and two processes building the same key build it once (the second waits and
+reuses the first's). A hit is verified against its record before it is trusted: every file
+present with its recorded size, and its content hash where that is cheap; a damaged output
+is rebuilt. Tables are written to a temporary file and renamed the same way.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -28,21 +38,36 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from saec.artifacts.hashing import canonical_json, hash_obj, sha256_file
-from saec.artifacts.schemas import SCHEMAS, conform
+from saec.artifacts.schemas import MEASURED_COLUMNS, SCHEMAS, conform
 
 STAGE_RECORD = "_stage.json"
+RUN_RECORD = "run.json"
+# Files up to this size are re-hashed when a cached output is verified; larger ones are checked by size.
+VERIFY_HASH_BYTES = 16 << 20
+
+log = logging.getLogger("saec.store")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as asked (not writable, disk full, damaged); the message says what to do."""
 
 
 class FileRef(BaseModel):
-    """A file an output holds: its absolute path and content hash (rows for tables)."""
+    """A file or folder an output holds: absolute path, content hash, rows for tables.
+
+    `identity` is the hash of what the output means for the stages that read it: for a table
+    with measured columns (timings), the table without them; otherwise the content hash.
+    """
 
     path: str
     sha256: str
     rows: int | None = None
     schema_name: str | None = None
+    identity: str | None = None
 
     def read(self) -> pd.DataFrame:
         return read_table(self.path)
@@ -57,6 +82,8 @@ class StageResult(BaseModel):
     outputs: dict[str, FileRef] = Field(default_factory=dict)
     info: dict[str, Any] = Field(default_factory=dict)
     created: str = ""
+    code: str = ""  # code version of the stage that built it
+    measurements: list[str] = Field(default_factory=list)  # outputs that record how the run went, not data
 
     def table(self, name: str) -> pd.DataFrame:
         return read_table(self.outputs[name].path)
@@ -65,8 +92,15 @@ class StageResult(BaseModel):
         return Path(self.outputs[name].path)
 
     def digest(self) -> str:
-        """Content identity of this output: the hashes of everything it holds."""
-        return hash_obj({"stage": self.stage, "outputs": {k: v.sha256 for k, v in self.outputs.items()}})
+        """Content identity of this output: what it holds for the stages that read it."""
+        held = {k: v.identity or v.sha256 for k, v in self.outputs.items() if k not in self.measurements}
+        return hash_obj({"stage": self.stage, "outputs": held})
+
+
+class _Record(StageResult):
+    """The stage record on disk: the result plus every file of the folder (relative path -> entry)."""
+
+    files: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -117,21 +151,33 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_bytes_atomic(path, (text + "\n").encode())
 
 
+def _table_identity(table: pa.Table, schema_name: str) -> str | None:
+    """Hash of a table without its measured columns (None when it has none)."""
+    measured = [c for c in MEASURED_COLUMNS.get(schema_name, ()) if c in table.column_names]
+    if not measured:
+        return None
+    buf = io.BytesIO()
+    pq.write_table(table.drop_columns(measured), buf, compression="zstd")
+    return hash_obj({"table": schema_name, "bytes": hashlib.sha256(buf.getvalue()).hexdigest()})
+
+
 def write_table(df: pd.DataFrame, schema_name: str, path: str | Path) -> FileRef:
     """Write `df` as Parquet with the declared schema `schema_name`, atomically."""
     table = conform(df, schema_name)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    return FileRef(path=str(Path(path).resolve()), sha256=sha256_file(path), rows=table.num_rows, schema_name=schema_name)
+    return FileRef(path=str(Path(path).resolve()), sha256=sha256_file(path), rows=table.num_rows,
+                   schema_name=schema_name, identity=_table_identity(table, schema_name))  # fmt: skip
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     return pq.read_table(path, columns=columns).to_pandas()
 
 
-# --------------------------------------------------------------------------- the store
+# --------------------------------------------------------------------------- build folders
 
 _BUILDING = ".building-"
+_DAMAGED = ".damaged-"
 
 
 def published_path(path: str | Path) -> Path:
@@ -185,6 +231,77 @@ def _relocate_json_files(tmp: Path, final: Path) -> None:
             path.write_text(new, encoding="utf-8", errors="surrogateescape")
 
 
+def _walk_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(relative path, path) of every file and link under `folder`, links not followed."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        for name in sorted(filenames) + sorted(d for d in dirnames if (base / d).is_symlink()):
+            p = base / name
+            yield p.relative_to(folder).as_posix(), p
+        dirnames[:] = sorted(d for d in dirnames if not (base / d).is_symlink())
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _folder_hash(files: dict[str, dict[str, Any]], prefix: str) -> str:
+    inside = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
+    return hash_obj(inside)
+
+
+def _problem(folder: Path, record: _Record) -> str | None:
+    """Why the output in `folder` no longer matches its record (None when it does)."""
+    for rel, entry in record.files.items():
+        path = folder / rel
+        if "link" in entry:
+            if not path.is_symlink() or os.readlink(path) != entry["link"]:
+                return f"{rel} is no longer the link it was"
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != entry["size"]:
+            return f"{rel} has {size} bytes, {entry['size']} were written"
+        if size <= VERIFY_HASH_BYTES and sha256_file(path) != entry["sha256"]:
+            return f"{rel} has other content than was written"
+    return None
+
+
+def _describe_os_error(exc: OSError, what: str, root: Path) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left on the device of the artifact store {root} while {what}: "
+                          "free some space (old runs under stages/ and work/ can go) or set store.root elsewhere")  # fmt: skip
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreError(f"the artifact store {root} is not writable ({exc.strerror}) while {what}: "
+                          "make it writable, or copy it and set store.root to the copy")  # fmt: skip
+    return StoreError(f"the artifact store {root} failed while {what}: {exc}")
+
+
+def _pid_alive(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def _this_process() -> dict[str, Any]:
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+
+
+# --------------------------------------------------------------------------- the store
+
+Build = Callable[[Path], tuple[dict[str, Path], dict[str, Any]]]
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -193,57 +310,118 @@ class Store:
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key
 
+    def _lock(self, stage: str, key: str) -> FileLock:
+        folder = self.root / "stages" / stage
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _describe_os_error(exc, f"building stage {stage}", self.root) from None
+        return FileLock(str(folder / f".{key}.lock"))
+
+    def _read_record(self, stage: str, key: str) -> _Record | None:
+        path = self.stage_dir(stage, key) / STAGE_RECORD
+        try:
+            record = _Record.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("stage %s: the record %s is unreadable (%s); the output is built again", stage, path, exc)
+            return None
+        return record
+
+    def lookup(self, stage: str, key: str) -> StageResult | None:
+        """The verified output of (stage, key), or None; a damaged one is reported and not returned."""
+        folder = self.stage_dir(stage, key)
+        record = self._read_record(stage, key)
+        if record is None:
+            return None
+        problem = _problem(folder, record)
+        if problem is not None:
+            log.warning("stage %s: the cached output %s is damaged (%s); it is built again", stage, folder, problem)
+            return None
+        return _as_result(record, folder)
+
     def load_stage(self, stage: str, key: str) -> StageResult | None:
-        record = self.stage_dir(stage, key) / STAGE_RECORD
-        if not record.exists():
-            return None
-        result = StageResult.model_validate_json(record.read_text())
-        if not all(Path(ref.path).exists() for ref in result.outputs.values()):
-            return None
-        return result
+        return self.lookup(stage, key)
 
-    def build_stage(
-        self,
-        stage: str,
-        key: str,
-        build: Callable[[Path], tuple[dict[str, Path], dict[str, Any]]],
-    ) -> StageResult:
-        """Run `build(tmp_dir)` and publish its folder as the output of (stage, key).
+    def build_stage(self, stage: str, key: str, build: Build, *, measurements: tuple[str, ...] = (),
+                    code: str = "") -> StageResult:  # fmt: skip
+        """The output of (stage, key): the verified one in the store, or `build(tmp_dir)` published."""
+        return self.get_or_build(stage, key, build, measurements=measurements, code=code)[0]
 
-        `build` writes into the folder it is given and returns ({name: file inside it}, info).
-        The folder appears under its final name only once complete.
+    def get_or_build(self, stage: str, key: str, build: Build, *, measurements: tuple[str, ...] = (),
+                     code: str = "", replace: bool = False) -> tuple[StageResult, bool]:  # fmt: skip
+        """(output, reused) of (stage, key): a verified hit, or `build(tmp_dir)` run under the key's lock.
+
+        `build` writes into the folder it is given and returns ({name: file or folder inside it},
+        info); every file it writes must lie under a declared output. Concurrent callers of one
+        key wait for the lock; the later ones reuse what the first published. With `replace`,
+        an existing output is replaced by a new build.
         """
+        if not replace and (hit := self.lookup(stage, key)) is not None:
+            return hit, True
+        lock = self._lock(stage, key)
+        try:
+            with lock:
+                if not replace and (hit := self.lookup(stage, key)) is not None:
+                    return hit, True  # another process built it while this one waited
+                self._clear_leftovers(stage, key)
+                return self._build_locked(stage, key, build, measurements, code), False
+        except OSError as exc:
+            raise _describe_os_error(exc, f"building stage {stage}", self.root) from None
+
+    def _clear_leftovers(self, stage: str, key: str) -> None:
+        """Build folders of this key left by dead processes (under the lock, no live builder has one)."""
+        parent = self.root / "stages" / stage
+        for p in parent.glob(f".{key}{_BUILDING}*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in parent.glob(f".{key}{_DAMAGED}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _build_locked(self, stage: str, key: str, build: Build, measurements: tuple[str, ...], code: str) -> StageResult:
         final = self.stage_dir(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{key}{_BUILDING}{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
         try:
             files, info = build(tmp)
-            rel = {name: Path(p).resolve().relative_to(tmp.resolve()) for name, p in files.items()}
+            rel = {name: Path(p).resolve().relative_to(tmp.resolve()).as_posix() for name, p in files.items()}
             info = _relocate(info, tmp, final)
             _relocate_json_files(tmp, final)
-            if final.exists():  # an older or partial copy under the same key: replace it
-                shutil.rmtree(final)
+            record = _record(stage, key, tmp, final, rel, info, measurements, code)
+            write_json_atomic(tmp / STAGE_RECORD, record.model_dump(mode="json"))
+            if final.exists() or final.is_symlink():  # damaged, or replaced on purpose: out of the way first
+                aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
+                os.replace(final, aside)
+                shutil.rmtree(aside, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        outputs = {}
-        for name, r in rel.items():
-            p = final / r
-            schema = _schema_of(p)
-            rows = pq.ParquetFile(p).metadata.num_rows if p.suffix == ".parquet" else None
-            outputs[name] = FileRef(path=str(p), sha256=sha256_file(p), rows=rows, schema_name=schema)
-        result = StageResult(
-            stage=stage,
-            key=key,
-            dir=str(final),
-            outputs=outputs,
-            info=info,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        write_json_atomic(final / STAGE_RECORD, result.model_dump(mode="json"))
-        return result
+        return _as_result(record, final)
+
+    def clear_leftovers(self) -> int:
+        """Remove the build folders of dead processes anywhere in the store; return how many went."""
+        removed = 0
+        for folder in self.root.glob(f"stages/*/.*{_BUILDING}*"):
+            key = folder.name[1:].split(_BUILDING)[0]
+            lock = FileLock(str(folder.parent / f".{key}.lock"))
+            try:
+                with lock.acquire(timeout=0):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+            except (Timeout, OSError):
+                continue  # a live builder holds it, or the store is read-only
+        return removed
+
+    def check_writable(self) -> None:
+        """Fail with a one-line StoreError if nothing can be written to the store."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _describe_os_error(exc, "starting a run", self.root) from None
 
     # runs ------------------------------------------------------------------------
     def new_run(self, flow: str) -> "RunFolder":
@@ -261,8 +439,67 @@ class Store:
         base = self.root / "runs"
         if not base.exists():
             return []
-        found = [RunFolder.open(p) for p in sorted(base.iterdir()) if (p / "run.json").exists()]
+        found = [RunFolder.open(p) for p in sorted(base.iterdir()) if (p / RUN_RECORD).exists()]
         return [r for r in found if r is not None]
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs of this host still marked running whose process is gone: marked interrupted; their ids."""
+        marked = []
+        host = socket.gethostname()
+        for run in self.runs():
+            rec = run.record
+            if rec.get("status") == "running" and rec.get("host") == host and isinstance(rec.get("pid"), int) \
+                    and not _pid_alive(rec["pid"], rec.get("pid_started")):  # fmt: skip
+                rec["status"] = "interrupted"
+                rec["error"] = rec.get("error") or "the process ended without finishing the run (killed or crashed)"
+                try:
+                    run.save()
+                    marked.append(run.run_id)
+                except OSError:
+                    pass
+        return marked
+
+
+def _record(stage: str, key: str, tmp: Path, final: Path, rel: dict[str, str], info: dict,
+            measurements: tuple[str, ...], code: str) -> _Record:  # fmt: skip
+    """The stage record of a finished build folder; fails if the build wrote files it did not declare."""
+    files = {r: _file_entry(p) for r, p in _walk_files(tmp) if r != STAGE_RECORD}
+    declared = set(rel.values())
+    undeclared = [r for r in files if r not in declared and not any(r.startswith(d + "/") for d in declared)]
+    if undeclared:
+        shown = ", ".join(undeclared[:5]) + (f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else "")
+        raise StoreError(f"stage {stage} wrote files it does not declare as outputs: {shown}")
+    outputs = {}
+    for name, r in rel.items():
+        p = tmp / r
+        if p.is_dir() and not p.is_symlink():
+            outputs[name] = FileRef(path=str(final / r), sha256=_folder_hash(files, r + "/"))
+            continue
+        entry = files[r]
+        schema = _schema_of(p)
+        table = pq.read_table(p) if schema else None
+        outputs[name] = FileRef(
+            path=str(final / r), sha256=entry.get("sha256") or hash_obj(entry),
+            rows=pq.ParquetFile(p).metadata.num_rows if p.suffix == ".parquet" else None,
+            schema_name=schema, identity=_table_identity(table, schema) if table is not None else None,
+        )  # fmt: skip
+    return _Record(
+        stage=stage, key=key, dir=str(final), outputs=outputs, info=info, code=code,
+        measurements=sorted(m for m in measurements if m in outputs),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), files=files,
+    )  # fmt: skip
+
+
+def _as_result(record: _Record, folder: Path) -> StageResult:
+    """The result a record describes, its paths pointing into `folder` where the output lies now."""
+    old = record.dir
+    outputs = {
+        name: ref.model_copy(update={"path": str(folder / Path(ref.path).relative_to(old))}) if old != str(folder) else ref
+        for name, ref in record.outputs.items()
+    }
+    data = record.model_dump(exclude={"files"})
+    data.update(dir=str(folder), outputs=outputs)
+    return StageResult.model_validate(data)
 
 
 class RunFolder:
@@ -278,13 +515,14 @@ class RunFolder:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "stages": {},
             "status": "running",
+            **_this_process(),
         }
         self._t0 = time.perf_counter()
 
     @classmethod
     def open(cls, path: Path) -> "RunFolder | None":
         try:
-            record = json.loads((path / "run.json").read_text())
+            record = json.loads((path / RUN_RECORD).read_text())
         except (OSError, ValueError):
             return None
         return cls(path, record["run_id"], record["flow"], record)
@@ -294,6 +532,7 @@ class RunFolder:
             "state": state,
             "key": result.key,
             "dir": result.dir,
+            "code": result.code,
             "outputs": {k: v.model_dump() for k, v in result.outputs.items()},
             "info": result.info,
         }
@@ -308,7 +547,7 @@ class RunFolder:
 
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path / "run.json", self.record)
+        write_json_atomic(self.path / RUN_RECORD, self.record)
 
 
 def _schema_of(path: Path) -> str | None:
@@ -325,6 +564,7 @@ __all__ = [
     "SCHEMAS",
     "StageResult",
     "Store",
+    "StoreError",
     "atomic_path",
     "read_table",
     "write_bytes_atomic",

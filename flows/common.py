@@ -1,4 +1,4 @@
-"""What every flow does around a stage task: call it, notice a stale cache, record the outcome."""
+"""What every flow does around a stage task: call it where it is placed, record whether it was built or reused."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -10,11 +10,7 @@ from prefect import Task
 from prefect.futures import PrefectFuture
 
 from saec.artifacts.store import RunFolder, StageResult
-
-
-def outputs_present(result: StageResult) -> bool:
-    """Whether every file a stage result names exists (from this machine)."""
-    return Path(result.dir).is_dir() and all(Path(ref.path).exists() for ref in result.outputs.values())
+from saec.tasks.stage import stage_of
 
 
 class InjectedFailure(RuntimeError):
@@ -56,8 +52,8 @@ class StagePlacement(Protocol):
     def owns(self, task: Task) -> bool:
         """Whether this placement executes `task`."""
 
-    def run(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
-        """Execute the stage; return its result and whether it came from the cache."""
+    def run(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
+        """Execute the stage; return its result and whether it came from the store."""
 
     def submit(self, task: Task, params: dict[str, Any], wait_for: list | None) -> Any:
         """Start the stage; return a future with `.result()`, `.wait()` and `.state` like Prefect's."""
@@ -80,42 +76,24 @@ def _placement_of(task: Task) -> StagePlacement | None:
     return next((p for p in _PLACEMENTS.get() if p.owns(task)), None)
 
 
-def is_cached(task: Task, params: dict[str, Any]) -> bool:
-    """Whether Prefect holds a cached result of `task` for `params` (asks the cache, computes nothing)."""
-    from prefect.results import get_result_store
-
-    key = task.cache_key_fn(None, params) if task.cache_key_fn else None
-    return bool(key) and get_result_store().update_for_task(task, _sync=True).exists(key)
-
-
 def cached_result(task: Task, params: dict[str, Any]) -> StageResult | None:
-    """The cached output of `task` for `params` if Prefect holds one whose files exist; None otherwise.
+    """The verified stored output of stage `task` for `params`, or None; computes nothing."""
+    return stage_of(task).lookup(params["store"], params)
 
-    Nothing is computed: the task is called only when its cache record exists, and then
-    Prefect hands back the stored reference.
-    """
-    if not is_cached(task, params):
-        return None
+
+def run_here(task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
+    """Run a stage task in this process; return (result, whether it came from the store)."""
     state = task(**params, return_state=True)
     result: StageResult = state.result()
-    return result if state.name == "Cached" and outputs_present(result) else None
-
-
-def run_here(task: Task, params: dict[str, Any], refresh: bool = False) -> tuple[StageResult, bool]:
-    """Run a stage task in this process; a cached result whose files are gone is rebuilt."""
-    state = (task.with_options(refresh_cache=True) if refresh else task)(**params, return_state=True)
-    result: StageResult = state.result()
-    if not refresh and not outputs_present(result):
-        return run_here(task, params, refresh=True)
     return result, state.name == "Cached"
 
 
-def execute_stage(task: Task, params: dict[str, Any], refresh: bool = False) -> tuple[StageResult, bool]:
-    """Run a stage task where its placement says (by default here); return (result, came from cache)."""
+def execute_stage(task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
+    """Run a stage task where its placement says (by default here); return (result, came from the store)."""
     placement = _placement_of(task)
     if placement is None:
-        return run_here(task, params, refresh)
-    return placement.run(task, params, refresh)
+        return run_here(task, params)
+    return placement.run(task, params)
 
 
 def submit_stage(task: Task, wait_for: list | None = None, **params: Any) -> Any:
@@ -128,20 +106,40 @@ def submit_stage(task: Task, wait_for: list | None = None, **params: Any) -> Any
 
 # --- recording stages in the run folder ------------------------------------------------------------
 def start_run(cfg, flow: str) -> RunFolder:
-    """A new run folder in the configured store, carrying the run's injected faults."""
+    """A new run folder in the configured store, carrying the run's injected faults.
+
+    Before it starts: the store must be writable (a one-line StoreError otherwise), runs of
+    this machine whose process died are marked interrupted, and build folders that dead
+    processes left behind are removed.
+    """
+    from prefect.runtime import flow_run
+
+    from saec.artifacts.code import project_code_version
     from saec.artifacts.store import Store
 
-    run = Store(cfg.store.root).new_run(flow)
+    store = Store(cfg.store.root)
+    store.check_writable()
+    store.mark_interrupted()
+    store.clear_leftovers()
+    run = store.new_run(flow)
     run.record["fail_before"] = list(cfg.faults.fail_before)
+    run.record["flow_run_id"] = flow_run.id  # the Prefect flow run, and the deployment run above it
+    run.record["root_flow_run_id"] = flow_run.root_flow_run_id
+    run.record["code_version"] = project_code_version()
+    run.save()
     return run
 
 
-def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
-    """Run a cached stage task and record in the run folder whether it ran or hit the cache.
+def end_run(run: RunFolder, exc: BaseException) -> None:
+    """Record how a run ended when it did not complete."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or type(exc).__name__ in ("CancelledError", "TerminationSignal"):
+        run.finish("interrupted", error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+    else:
+        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
 
-    If Prefect holds a cached result whose files were deleted from the store, the task
-    runs again with its cache refreshed instead of handing back a dangling reference.
-    """
+
+def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
+    """Run a stage task and record in the run folder whether it was built or came from the store."""
     check_fault(run, task, name)
     result, cached = execute_stage(task, params)
     run.add_stage(result, "cached" if cached else "ran", name)
@@ -152,8 +150,5 @@ def collect(run: RunFolder, future: PrefectFuture, name: str, task: Task, **para
     """Wait for a submitted stage task and record it like `call_stage` does."""
     check_fault(run, task, name)
     result: StageResult = future.result()
-    cached = future.state.name == "Cached"
-    if not outputs_present(result):
-        result, cached = execute_stage(task, params, refresh=True)
-    run.add_stage(result, "cached" if cached else "ran", name)
+    run.add_stage(result, "cached" if future.state.name == "Cached" else "ran", name)
     return result

@@ -82,31 +82,30 @@ def _stage_name(part: str) -> str:
 
 
 def _measurement_record(store: str, parts: dict, ran: list[str], fresh: dict, samples) -> dict:
-    """SAEC's cost is what a run measured while its stages executed.
+    """SAEC's cost is what a run measured while all its stages executed.
 
     All stages executed now: this run's measurement is stored under the stages' identity.
-    All came from cache: the stored measurement of the run that executed them is reported.
-    Some of each: this run's figures cover only the executed part, and are labelled so.
+    None did: the stored measurement of the run that executed them is reported (it names
+    that run). Some did, or none did and no run stored a measurement: the wall time would
+    mix executed and stored work, so none is reported, and the reason is given.
     """
     st = Store(store)
     key = hash_obj({k: p.digest() for k, p in parts.items()})[:24]
-    stored = st.load_stage("saec_measure", key)
-    if len(ran) == len(parts) or (stored is None and not ran):
-        fresh["measured"] = "executed" if ran else "cached stages, no stored measurement"
+    if len(ran) == len(parts):
+        fresh["measured"] = "executed"
 
         def build(out):
             write_table(samples, "telemetry", out / "telemetry.parquet")
             return {"measurement": write_json_atomic(out / "measurement.json", fresh),
                     "telemetry": out / "telemetry.parquet"}, fresh  # fmt: skip
 
-        if stored is not None:  # re-measured: replace the older record
-            import shutil
-
-            shutil.rmtree(stored.dir)
-        return st.build_stage("saec_measure", key, build).info
-    if not ran:
+        return st.get_or_build("saec_measure", key, build, measurements=("telemetry",), replace=True)[0].info
+    stored = st.lookup("saec_measure", key)
+    if not ran and stored is not None:
         return stored.info  # says "executed" and names the run that measured it
-    return fresh | {"measured": f"partial: only {', '.join(ran)} executed in this run"}
+    why = (f"not measured: only {', '.join(ran)} executed in this run" if ran
+           else "not measured: every stage came from the store and no run that executed them stored a measurement")
+    return fresh | {"wall_s": None, "telemetry": {}, "measured": why}
 
 
 def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResult, dict]:

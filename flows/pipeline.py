@@ -5,7 +5,7 @@ from prefect import flow
 
 from saec.artifacts.store import Store
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, start_run
+from saec.flows.common import call_stage, end_run, start_run
 from saec.flows.evaluate import Models, evaluate_flow
 from saec.flows.prepare import prepare_stages
 from saec.tasks.cloud.task import adapter_ref, model_of, model_ref, tiny_llava_task, tiny_vlm_task, train_cloud
@@ -55,7 +55,7 @@ def pipeline_flow(cfg: PipelineConfig) -> dict:
                 reports[name] = evaluate_flow(cfg, run.run_id, name, prepared[EVAL_SETS[name]], prepared["sft"], models)
                 run.record = Store(cfg.store.root).open_run(run.run_id).record  # the subflow added its stages
     except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        end_run(run, exc)
         raise
     run.finish("completed", reports={k: v.dir for k, v in reports.items()})
     return {"run": run, "reports": reports, **prepared}

@@ -7,7 +7,7 @@ from prefect import flow
 
 from saec.artifacts.store import RunFolder
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, start_run
+from saec.flows.common import call_stage, end_run, start_run
 from saec.tasks.data import fingerprint, holdout_task, ksdd2_task, leakage_task, scan_ksdd2, scan_mvtec
 from saec.tasks.sft import sft_task
 from saec.tasks.synth import synth_task
@@ -45,7 +45,7 @@ def prepare_flow(cfg: PipelineConfig) -> dict:
     try:
         out = prepare_stages(cfg, run)
     except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        end_run(run, exc)
         raise
     run.finish("completed")
     return out | {"run": run}

@@ -25,57 +25,67 @@ configure_offline()
 
 from saec.artifacts.store import RunFolder, StageResult, Store, write_table  # noqa: E402
 from saec.config import PipelineConfig  # noqa: E402
-from saec.flows.common import cached_result, placed, start_run  # noqa: E402
+from saec.flows.common import end_run, placed, start_run  # noqa: E402
 from saec.flows.evaluate import evaluate_flow  # noqa: E402
 from saec.flows.pipeline import EVAL_SETS, build_models  # noqa: E402
 from saec.flows.prepare import prepare_stages  # noqa: E402
-from saec.flows.remote import RemoteConfig, entry_config, result_path, run_summary, stage_placement  # noqa: E402
+from saec.flows.remote import RemoteConfig, entry_config, run_summary, stage_placement  # noqa: E402
 from saec.tasks.cloud.task import tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
 from saec.tasks.data import leakage_task  # noqa: E402
 from saec.tasks.drift import DriftConfig, compare_metrics, drift_findings, drift_markdown  # noqa: E402
 from saec.tasks.edge.task import train_edge_task  # noqa: E402
+from saec.tasks.stage import stage_of  # noqa: E402
 
 MODEL_TASKS: tuple[Task, ...] = (train_edge_task, tiny_vlm_task, train_cloud, tiny_llava_task)
 
 
 class ModelsNotTrained(RuntimeError):
-    """A re-evaluation needs a model that no pipeline run has trained for this configuration."""
+    """A re-evaluation needs a model that the source pipeline run did not use."""
 
 
 class DriftDetected(RuntimeError):
     """Raised after publishing, when `drift.fail_on_drift` is set and a metric moved beyond tolerance."""
 
 
-class CachedModelsOnly:
-    """Stage placement for a re-evaluation: model stages are served from the cache, never computed."""
+class SourceRunModels:
+    """Stage placement for a re-evaluation: the model stages are those the source pipeline run used.
 
-    def __init__(self, source_run: str):
-        self.source_run = source_run
+    They are found from the run's record, not from cache keys computed now, so an edit to the
+    training code since then does not stop the re-evaluation; each is verified against the
+    content hashes the record holds. Nothing is trained.
+    """
+
+    def __init__(self, source: RunFolder):
+        self.source = source
         self.names = {t.name for t in MODEL_TASKS}
 
     def owns(self, task: Task) -> bool:
         return task.name in self.names
 
-    def run(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
-        hit = None if refresh else cached_result(task, params)
-        if hit is None:
+    def run(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
+        name = stage_of(task).name
+        entry = self.source.record["stages"].get(name)
+        if entry is None:
             raise ModelsNotTrained(
-                f"stage {task.name!r} has no cached output for this configuration, this code version and the SFT split "
-                f"of pipeline run {self.source_run}; a re-evaluation never trains. Run the pipeline with this "
-                "configuration and code first, or evaluate the models of another run (models_from)."
+                f"pipeline run {self.source.run_id} used no {task.name!r} output, and a re-evaluation never trains: "
+                "evaluate with the configuration that run had (edge.mode, cloud.model, cloud.adapter), or run the "
+                "pipeline with this one first"
             )
-        return hit, True
+        return _stage_of(entry), True
 
     def submit(self, task: Task, params: dict[str, Any], wait_for: list | None):
         raise NotImplementedError("model stages are called, not submitted")
 
 
 def _stage_of(entry: dict) -> StageResult:
-    """The stage output a run record names, re-read from its folder (and checked to exist)."""
+    """The stage output a run record names, re-read from its folder and checked against the record's hashes."""
     folder = Path(entry["dir"])
-    result = Store(folder.parents[2]).load_stage(folder.parent.name, entry["key"])
+    result = Store(folder.parents[2]).lookup(folder.parent.name, entry["key"])
     if result is None:
-        raise FileNotFoundError(f"stage output {folder} named by the run record is gone from the store")
+        raise FileNotFoundError(f"stage output {folder} named by the run record is gone from the store, or damaged")
+    recorded = {k: v["sha256"] for k, v in entry["outputs"].items()}
+    if {k: v.sha256 for k, v in result.outputs.items()} != recorded:
+        raise FileNotFoundError(f"stage output {folder} no longer holds what the run record names (content hashes differ)")
     return result
 
 
@@ -118,12 +128,16 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
     source = model_source(store, models_from)
     sft = _stage_of(source.record["stages"]["sft"])
     run = start_run(cfg, "reevaluate")
-    run.record.update(models_from=source.run_id, deployment=deployment)
+    run.record.update(models_from=source.run_id, deployment=deployment,
+                      models_code={name: st.get("code", "") for name, st in source.record["stages"].items()
+                                   if name in {stage_of(t).name for t in MODEL_TASKS}})  # fmt: skip
+    print(f"re-evaluating the models of pipeline run {source.run_id} (code {source.record.get('code_version', '?')}) "
+          f"with code {run.record['code_version']}")
     try:
         prepared = prepare_stages(cfg, run)
         if "holdout" in prepared:  # the models must never have trained on an image they are evaluated on
             run.record.setdefault("checks", {})["leakage_model_sft"] = leakage_task(prepared["holdout"], sft)
-        with placed(CachedModelsOnly(source.run_id)):
+        with placed(SourceRunModels(source)):
             models = build_models(cfg, run, sft)
         run.save()
         reports = {}
@@ -144,7 +158,7 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
             for line in findings[name]:
                 print(f"DRIFT on {name}: {line}")
     except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        end_run(run, exc)
         raise
     run.finish("completed", reports={k: v.dir for k, v in reports.items()})
     drifted = {k: v for k, v in findings.items() if v}
@@ -153,7 +167,7 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
     return {"run": run, "reports": reports, "drift": run.record.get("drift", {})}
 
 
-@flow(name="saec-evaluate", log_prints=True, persist_result=True)
+@flow(name="saec-evaluate", log_prints=True)
 def saec_evaluate(
     config: str | None = None,
     overrides: list[str] | None = None,
@@ -169,8 +183,7 @@ def saec_evaluate(
     cfg = entry_config(config, overrides)
     name = this_deployment.name
     where = f"{flow_run.flow_name}/{name}" if name else "local"
-    inner = reevaluate_flow.with_options(result_storage=result_path(cfg))
     with stage_placement(cfg, distributed, remote) as stages:
-        out = inner(cfg, drift or DriftConfig(), models_from, where)
-    return run_summary(out["run"]) | {"deployment": where, "models_from": out["run"].record["models_from"],
-                                      "drift": out["drift"], "dispatched": stages.dispatched if stages else []}  # fmt: skip
+        out = reevaluate_flow(cfg, drift or DriftConfig(), models_from, where)
+    return run_summary(out["run"], dispatched=stages.dispatched if stages else []) | {
+        "deployment": where, "models_from": out["run"].record["models_from"], "drift": out["drift"]}  # fmt: skip

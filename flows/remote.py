@@ -7,18 +7,20 @@ work pool (CPU machines), and the cloud stages (build, train and run the VLM) go
 `run-stage/cloud`, served by the `cloud` pool (GPU machines). Everything else, and the
 decisions of what runs when, stays in the parent flow.
 
-The parent and the stage runs exchange references only: a stage's parameters and its
-`StageResult` (paths and content hashes into the artifact store), never data. So every
-machine must see the artifact store, and Prefect's result folder inside it
-(`<store>/prefect`), at the same absolute path: one machine by default, a shared
-NFS mount for several.
+The parent and the stage runs exchange references only: the parent sends a stage's
+parameters (paths and content hashes into the artifact store) and, once the stage run has
+completed, reads the stage's output from the store under the cache key it computed itself,
+verified like any cache hit. So every machine must see the artifact store at the same
+absolute path (one machine by default, a shared NFS mount for several) and run the same
+code: a worker with other code builds under another key, and the parent says so.
 
-A stage whose result Prefect already holds is taken from the cache in the parent and is
-not sent anywhere; only stages that must compute are dispatched.
+A stage whose output the store already holds is taken from there in the parent and is not
+sent anywhere; only stages that must compute are dispatched.
 """
 from __future__ import annotations
 
 import contextvars
+import json
 import socket
 import time
 import typing
@@ -39,10 +41,12 @@ configure_offline()
 
 from saec.artifacts.store import RunFolder, StageResult  # noqa: E402
 from saec.config import PipelineConfig, load_config  # noqa: E402
-from saec.flows.common import outputs_present, cached_result, placed, run_here  # noqa: E402
+from saec.artifacts.store import write_json_atomic  # noqa: E402
+from saec.flows.common import cached_result, placed, run_here  # noqa: E402
 from saec.flows.pipeline import pipeline_flow  # noqa: E402
 from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
 from saec.tasks.edge.task import predict_edge_task, train_edge_task  # noqa: E402
+from saec.tasks.stage import stage_of  # noqa: E402
 
 EDGE_TASKS: tuple[Task, ...] = (train_edge_task, predict_edge_task)
 CLOUD_TASKS: tuple[Task, ...] = (tiny_vlm_task, tiny_llava_task, train_cloud, score_cloud)
@@ -108,18 +112,24 @@ def decode_params(task: Task, params: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ the flow a stage worker runs
 
 
-@flow(name="run-stage", persist_result=True, log_prints=True)
-def run_stage_flow(stage: str, params: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
-    """Run one stage task on this machine; return its result reference and whether it was cached.
+def dispatch_record(store: str | Path, flow_run_id: Any) -> Path:
+    """Where a stage run writes what it did, for the parent that sent it (JSON, read as data)."""
+    return Path(store) / "dispatch" / f"{flow_run_id}.json"
 
-    The dispatching parent sets PREFECT_LOCAL_STORAGE_PATH to the store's Prefect folder,
-    so this run's cache record and its return value land where the parent reads them.
-    """
+
+@flow(name="run-stage", log_prints=True)
+def run_stage_flow(stage: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage task on this machine; record its key, whether it was reused, and the host."""
+    from prefect.runtime import flow_run
+
     if stage not in STAGE_TASKS:
         raise ValueError(f"unknown stage {stage!r}; this flow runs {sorted(STAGE_TASKS)}")
     task = STAGE_TASKS[stage]
-    result, cached = run_here(task, decode_params(task, params), refresh)
-    return {"result": result.model_dump(mode="json"), "cached": cached, "host": socket.gethostname()}
+    typed = decode_params(task, params)
+    result, cached = run_here(task, typed)
+    done = {"stage": stage, "key": result.key, "code": result.code, "cached": cached, "host": socket.gethostname()}
+    write_json_atomic(dispatch_record(typed["store"], flow_run.id), done)
+    return done
 
 
 # ------------------------------------------------------------------ the parent's side
@@ -156,9 +166,8 @@ def _upstream_ok(future: Any) -> None:
 class RemoteStages:
     """Sends the stages it owns to their deployments; cache hits are served in the parent."""
 
-    def __init__(self, cfg: RemoteConfig, result_path: str | Path, max_parallel: int = 4):
+    def __init__(self, cfg: RemoteConfig, max_parallel: int = 4):
         self.cfg = cfg
-        self.result_path = str(Path(result_path).resolve())
         self.where = {n: cfg.edge_deployment for n in cfg.edge_stages} | {n: cfg.cloud_deployment for n in cfg.cloud_stages}
         self._threads = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="saec-remote")
         self.dispatched: list[dict[str, Any]] = []  # stage, deployment, flow run, host of every stage sent
@@ -166,23 +175,23 @@ class RemoteStages:
     def owns(self, task: Task) -> bool:
         return task.name in self.where
 
-    def run(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
-        if not refresh and (hit := cached_result(task, params)) is not None:
+    def run(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
+        if (hit := cached_result(task, params)) is not None:
             return hit, True
-        return self._dispatch(task, params, refresh)
+        return self._dispatch(task, params)
 
     def submit(self, task: Task, params: dict[str, Any], wait_for: list | None) -> StageFuture:
         def go() -> tuple[StageResult, bool]:
             for upstream in wait_for or []:
                 _upstream_ok(upstream)
-            return self.run(task, params, refresh=False)
+            return self.run(task, params)
 
         return StageFuture(self._threads.submit(contextvars.copy_context().run, go))
 
     def close(self, wait: bool = True) -> None:
         self._threads.shutdown(wait=wait, cancel_futures=True)
 
-    def _dispatch(self, task: Task, params: dict[str, Any], refresh: bool) -> tuple[StageResult, bool]:
+    def _dispatch(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         from prefect.states import Cancelled
@@ -191,8 +200,7 @@ class RemoteStages:
         label = params.get("label")
         run = run_deployment(
             deployment,
-            parameters={"stage": task.name, "params": encode_params(task, params), "refresh": refresh},
-            job_variables={"env": {"PREFECT_LOCAL_STORAGE_PATH": self.result_path}},
+            parameters={"stage": task.name, "params": encode_params(task, params)},
             flow_run_name=f"{task.name}: {label}" if label else task.name,
             tags=["saec", deployment.split("/")[1]],
             timeout=0,
@@ -221,13 +229,26 @@ class RemoteStages:
                 time.sleep(self.cfg.poll_interval_s)
         if not state.is_completed():
             raise RemoteStageError(f"stage {task.name!r} on {deployment}: flow run {run.name} ({run.id}) ended {state.name}: {state.message}")
-        out = state.result()
-        result = StageResult.model_validate(out["result"])
-        if not outputs_present(result):
+        decl = stage_of(task)
+        key = decl.key(params)
+        try:
+            out = json.loads(dispatch_record(params["store"], run.id).read_text())
+        except (OSError, ValueError):
             raise RemoteStageError(
-                f"stage {task.name!r} ran on {out['host']} and wrote {result.dir}, which this machine ({socket.gethostname()}) "
-                "cannot see: the artifact store (store.root) must be one shared path on every machine"
-            )
+                f"stage {task.name!r} completed as flow run {run.name}, but its record is not in the artifact store "
+                f"{params['store']} as this machine ({socket.gethostname()}) sees it: store.root must be one shared "
+                "path on every machine"
+            ) from None
+        result = decl.lookup(params["store"], params)
+        if result is None:
+            if out.get("key") != key:
+                raise RemoteStageError(
+                    f"stage {task.name!r} ran on {out.get('host')} under cache key {out.get('key')} (code {out.get('code')}), "
+                    f"this machine expects {key} (code {decl.code}): the worker runs other code or other library "
+                    "versions; install the same version of SAEC on every machine"
+                )
+            raise RemoteStageError(f"stage {task.name!r} ran on {out.get('host')}, but its output {key} is missing "
+                                   f"or damaged in {params['store']} as this machine sees it")  # fmt: skip
         self.dispatched.append({"stage": task.name, "deployment": deployment, "flow_run": str(run.id), "host": out["host"],
                                 "cached": bool(out["cached"])})  # fmt: skip
         return result, bool(out["cached"])
@@ -242,12 +263,11 @@ def entry_config(config: str | None, overrides: list[str] | None) -> PipelineCon
     return cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": cfg.store.root.resolve()})})
 
 
-def result_path(cfg: PipelineConfig) -> Path:
-    """Prefect's result and cache folder of a store: the same one `saec run` uses."""
-    return cfg.store.root / "prefect"
-
-
-def run_summary(run: RunFolder) -> dict[str, Any]:
+def run_summary(run: RunFolder, **extra: Any) -> dict[str, Any]:
+    """What a deployed run did, also kept in its run record (`extra`: the stages sent to the pools)."""
+    if extra:
+        run.record.update(extra)
+        run.save()
     rec = run.record
     return {
         "run_id": run.run_id,
@@ -255,6 +275,7 @@ def run_summary(run: RunFolder) -> dict[str, Any]:
         "status": rec.get("status"),
         "stages": {name: st["state"] for name, st in rec["stages"].items()},
         "reports": rec.get("reports", {}),
+        **extra,
     }
 
 
@@ -264,7 +285,7 @@ def stage_placement(cfg: PipelineConfig, distributed: bool, remote: RemoteConfig
     if not distributed:
         yield None
         return
-    stages = RemoteStages(remote or RemoteConfig(), result_path(cfg))
+    stages = RemoteStages(remote or RemoteConfig())
     failed = True
     try:
         with placed(stages):
@@ -275,7 +296,7 @@ def stage_placement(cfg: PipelineConfig, distributed: bool, remote: RemoteConfig
         stages.close(wait=not failed)
 
 
-@flow(name="saec-pipeline", log_prints=True, persist_result=True)
+@flow(name="saec-pipeline", log_prints=True)
 def saec_pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,
@@ -287,7 +308,6 @@ def saec_pipeline(
     `config` is a YAML file and `overrides` are `section.field=value` items, as for `saec run`.
     """
     cfg = entry_config(config, overrides)
-    inner = pipeline_flow.with_options(result_storage=result_path(cfg))
     with stage_placement(cfg, distributed, remote) as stages:
-        out = inner(cfg)
-    return run_summary(out["run"]) | {"dispatched": stages.dispatched if stages else []}
+        out = pipeline_flow(cfg)
+    return run_summary(out["run"], dispatched=stages.dispatched if stages else [])

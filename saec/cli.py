@@ -1,7 +1,6 @@
 """The `saec` command line: everything the flows do, from one entry point."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,23 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 
 
 def _load(config: Path | None, overrides: list[str] | None):
-    """Validate the configuration, then point Prefect's result storage into the artifact store."""
+    """The validated configuration; a wrong one ends the command with the error, before any work."""
     from saec.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, overrides)
+        return load_config(config, overrides)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    store = cfg.store.root.resolve()
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(store / "prefect"))
-    return cfg
+
+
+def _start(cfg) -> None:
+    """Before a flow runs: a writable store, and Prefect's local server started (one process at a time)."""
+    from saec.artifacts.store import Store
+    from saec.env import start_prefect_api
+
+    Store(cfg.store.root).check_writable()
+    start_prefect_api()
 
 
 def _stage_table(run_record: dict) -> Table:
@@ -74,6 +79,7 @@ def _report_prepare(out: dict) -> None:
 def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set."""
     cfg = _load(config, set_)
+    _start(cfg)
     from saec.flows.prepare import prepare_flow
 
     t0 = time.perf_counter()
@@ -118,6 +124,7 @@ def run(
             raise typer.Exit(2)
         overrides = operating_point_overrides(pd.read_parquet(path), int(point)) + overrides
     cfg = _load(config, overrides)
+    _start(cfg)
     from saec.flows.pipeline import pipeline_flow
 
     t0 = time.perf_counter()
@@ -240,12 +247,37 @@ def deploy_cmd(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    import errno
+
+    from saec.artifacts.store import StoreError
+
     configure_offline()
     try:
-        app()
+        app(standalone_mode=False)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except click_exceptions() as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except StoreError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        what = "no space left on the device" if exc.errno != errno.EROFS else "read-only file system"
+        console.print(f"[red]error:[/red] {what} writing {exc.filename or 'a file'}: free space or make it writable, "
+                      "or set store.root to a writable folder with room", soft_wrap=True)  # fmt: skip
+        sys.exit(1)
+
+
+def click_exceptions() -> tuple[type[BaseException], ...]:
+    import click
+
+    return (click.ClickException,)
 
 
 if __name__ == "__main__":

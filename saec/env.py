@@ -1,7 +1,8 @@
 """Process-wide settings that keep every library offline and quiet.
 
 Imported first by the command line and by the test suite. Every value is a default:
-a variable the user already set wins.
+a variable the user already set wins. What SAEC itself keeps outside the artifact store
+(Ultralytics' settings and font) goes to `$SAEC_HOME`, by default `~/.cache/saec`.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ def configure_offline(home: Path | None = None) -> None:
     global _DONE
     if _DONE:
         return
-    home = Path(home or os.environ.get("SAEC_HOME") or Path.cwd() / ".saec").resolve()
+    home = Path(home or os.environ.get("SAEC_HOME") or default_home()).expanduser().resolve()
     defaults = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # The artifact store is the cache: Prefect keeps no result records (they would be pickles).
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
         # Prefect allows its ephemeral server 20 s to start; the first start after installing
         # (its database created and migrated) can take longer than that on a small machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -34,11 +36,43 @@ def configure_offline(home: Path | None = None) -> None:
         "YOLO_AUTOINSTALL": "0",
         "YOLO_VERBOSE": "False",
         "YOLO_CONFIG_DIR": str(home / "ultralytics"),
+        # ONNX Runtime writes a device id and session files for its telemetry unless told not to
+        "ORT_DISABLE_TELEMETRY": "1",
+        # compiled kernels (the cloud engine's fast path) are cached here, not in /tmp
+        "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor"),
+        "TRITON_CACHE_DIR": str(home / "triton"),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     _ensure_ultralytics_font(Path(os.environ["YOLO_CONFIG_DIR"]))
     _DONE = True
+
+
+def default_home() -> Path:
+    """`$XDG_CACHE_HOME/saec`, or `~/.cache/saec`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saec"
+
+
+def start_prefect_api() -> None:
+    """Start Prefect's temporary local server now, one process at a time per Prefect home.
+
+    Without PREFECT_API_URL every process starts its own server on the database in
+    PREFECT_HOME, creating or migrating it first; two processes doing that at once can
+    break each other's migration. A file lock in PREFECT_HOME makes them take turns; once
+    the database is current, each start is quick. With PREFECT_API_URL set nothing is done.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from filelock import FileLock
+    from prefect.client.orchestration import get_client
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".saec-server-start.lock"), timeout=900):
+        with get_client(sync_client=True) as client:  # starts the server and waits until it answers
+            client.api_healthcheck()
 
 
 def _ensure_ultralytics_font(config_dir: Path) -> None:

@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from saec.artifacts.hashing import hash_followed_tree, sha256_file
 from saec.artifacts.store import StageResult, published_path, write_json_atomic, write_table
 from saec.datasets.images import DEFAULT_MAX_PIXELS
 from saec.datasets.ksdd2 import read_ksdd2
 from saec.datasets.mvtec import read_mvtec
-from saec.tasks.stage import STAGE_TASK, DatasetRef, run_stage, stage_cache_key
+from saec.tasks.stage import Built, DatasetRef, stage
 
 MANIFEST_COLS = ["image_id", "path", "source_path", "label", "category", "defect_type", "split", "width", "height", "mode"]
 
@@ -80,6 +81,7 @@ def _place(src: Path, dst: Path, link: str) -> None:
 def _materialise(rows: pd.DataFrame, out_dir: Path, names: pd.Series, link: str, split: str) -> pd.DataFrame:
     """Link or copy each row's source file into out_dir/val/{good,defect}/<name>; return the manifest."""
     paths = []
+    (out_dir / "val").mkdir(parents=True, exist_ok=True)
     for src, label, name in zip(rows.path, rows.label, names):
         dst = out_dir / "val" / ("defect" if label else "good") / name
         _place(Path(src), dst, link)
@@ -170,65 +172,51 @@ def verify_holdout_files(holdout: StageResult, train_ids: set[str]) -> dict:
     return {"files_checked": len(files)}
 
 
-# --------------------------------------------------------------------------- Prefect tasks
+# --------------------------------------------------------------------------- stages
 
 
-def _scan_outputs(result, out_dir: Path) -> tuple[dict, dict]:
+def _scan_outputs(result, out_dir: Path) -> Built:
     images = write_table(result.images, "source_images", out_dir / "images.parquet")
     quarantine = write_table(result.quarantine, "quarantine", out_dir / "quarantine.parquet")
     return {"images": Path(images.path), "quarantine": Path(quarantine.path)}, {"counts": result.counts()}
 
 
-@task(name="scan-mvtec", cache_key_fn=stage_cache_key("scan_mvtec", ["saec.datasets.mvtec"]), **STAGE_TASK)
-def scan_mvtec(store: str, source: DatasetRef, cfg: ScanConfig) -> StageResult:
+@stage("scan_mvtec", task="scan-mvtec")
+def scan_mvtec(out: Path, source: DatasetRef, cfg: ScanConfig) -> Built:
     """Read and validate every file of an MVTec AD folder."""
-    return run_stage(
-        store, "scan_mvtec", ["saec.datasets.mvtec"], dict(source=source, cfg=cfg),
-        lambda out: _scan_outputs(read_mvtec(source.path, cfg.max_pixels, progress=True), out),
-    )  # fmt: skip
+    return _scan_outputs(read_mvtec(source.path, cfg.max_pixels, progress=True), out)
 
 
-@task(name="scan-ksdd2", cache_key_fn=stage_cache_key("scan_ksdd2", ["saec.datasets.ksdd2"]), **STAGE_TASK)
-def scan_ksdd2(store: str, source: DatasetRef, cfg: ScanConfig) -> StageResult:
+@stage("scan_ksdd2", task="scan-ksdd2")
+def scan_ksdd2(out: Path, source: DatasetRef, cfg: ScanConfig) -> Built:
     """Read and validate every file of a KolektorSDD2 folder; masks decide labels."""
-    return run_stage(
-        store, "scan_ksdd2", ["saec.datasets.ksdd2"], dict(source=source, cfg=cfg),
-        lambda out: _scan_outputs(read_ksdd2(source.path, cfg.max_pixels, progress=True), out),
-    )  # fmt: skip
+    return _scan_outputs(read_ksdd2(source.path, cfg.max_pixels, progress=True), out)
 
 
-def _manifest_outputs(manifest: pd.DataFrame, info: dict, out_dir: Path, extra: dict | None = None):
+def _manifest_outputs(manifest: pd.DataFrame, info: dict, out_dir: Path, extra: dict | None = None) -> Built:
     ref = write_table(manifest, "manifest", out_dir / "manifest.parquet")
     write_json_atomic(out_dir / "manifest.json", info | {"rows": len(manifest)})
-    files = {"manifest": Path(ref.path), "summary": out_dir / "manifest.json"}
+    files = {"manifest": Path(ref.path), "summary": out_dir / "manifest.json", "files": out_dir / "val"}
     return files | (extra or {}), info
 
 
-@task(name="build-holdout", cache_key_fn=stage_cache_key("holdout"), **STAGE_TASK)
-def holdout_task(store: str, scan: StageResult, sft: StageResult, cfg: HoldoutConfig) -> StageResult:
+@stage("holdout", task="build-holdout")
+def holdout_task(out: Path, scan: StageResult, sft: StageResult, cfg: HoldoutConfig) -> Built:
     """The MVTec AD binary holdout (val/good, val/defect), disjoint from the SFT train split."""
-
-    def build(out: Path):
-        train_ids = set(sft.table("train_manifest").image_id)
-        manifest, info = build_holdout(scan.table("images"), train_ids, cfg, out)
-        return _manifest_outputs(manifest, info, out)
-
-    return run_stage(store, "holdout", [], dict(scan=scan, sft=sft, cfg=cfg), build)
+    train_ids = set(sft.table("train_manifest").image_id)
+    manifest, info = build_holdout(scan.table("images"), train_ids, cfg, out)
+    return _manifest_outputs(manifest, info, out)
 
 
-@task(name="build-ksdd2-1to1", cache_key_fn=stage_cache_key("ksdd2_1to1"), **STAGE_TASK)
-def ksdd2_task(store: str, scan: StageResult, cfg: KSDD2Config) -> StageResult:
+@stage("ksdd2_1to1", task="build-ksdd2-1to1")
+def ksdd2_task(out: Path, scan: StageResult, cfg: KSDD2Config) -> Built:
     """The KolektorSDD2 1:1 set with its split lists."""
-
-    def build(out: Path):
-        manifest, info = build_ksdd2_balanced(scan.table("images"), cfg, out)
-        lists = {"good_list": out / "ksdd2_1to1_good.txt", "defect_list": out / "ksdd2_1to1_defect.txt"}
-        return _manifest_outputs(manifest, info, out, lists)
-
-    return run_stage(store, "ksdd2_1to1", [], dict(scan=scan, cfg=cfg), build)
+    manifest, info = build_ksdd2_balanced(scan.table("images"), cfg, out)
+    lists = {"good_list": out / "ksdd2_1to1_good.txt", "defect_list": out / "ksdd2_1to1_defect.txt"}
+    return _manifest_outputs(manifest, info, out, lists)
 
 
-@task(name="check-leakage")
+@task(name="check-leakage", cache_policy=NO_CACHE, persist_result=False)
 def leakage_task(holdout: StageResult, sft: StageResult) -> dict:
     """Not cached on purpose: re-hashes the holdout files on every run."""
     train_ids = set(sft.table("train_manifest").image_id)

@@ -9,92 +9,73 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from saec.artifacts.store import StageResult, write_json_atomic, write_table
 from saec.tasks.complexity import ComplexityConfig, complexity_scores
 from saec.tasks.metrics import classification_metrics
 from saec.tasks.report import markdown_summary, plot_systems
 from saec.tasks.routing import RoutingConfig, complexity_quota, decisions_frame, merge_decisions, route_images
-from saec.tasks.stage import STAGE_TASK, run_stage, stage_cache_key
+from saec.tasks.stage import Built, stage
 from saec.tasks.telemetry import TelemetryConfig, energy_per_correct_mwh, measure
 
 # The keep rule's fields; the quota ratio and the cloud threshold are applied by other stages.
 RULE_FIELDS = {"smax_thr", "margin_thr", "ent_thr", "keep_bidir", "bidir_margin_min"}
 
 
-@task(name="complexity", cache_key_fn=stage_cache_key("complexity", ["saec.tasks.complexity"]), **STAGE_TASK)
-def complexity_task(store: str, images: StageResult, table: str, cfg: ComplexityConfig, telemetry: TelemetryConfig) -> StageResult:
+@stage("complexity", task="complexity", observe=("telemetry",))
+def complexity_task(out: Path, images: StageResult, table: str, cfg: ComplexityConfig, telemetry: TelemetryConfig) -> Built:
     """The seed's scene-complexity score of every image, measured."""
-
-    def build(out: Path):
-        frame, summary, samples = measure(lambda: complexity_scores(images.table(table), cfg), telemetry)
-        ref = write_table(frame, "complexity", out / "complexity.parquet")
-        write_table(samples, "telemetry", out / "telemetry.parquet")
-        files = {"complexity": Path(ref.path), "telemetry": out / "telemetry.parquet"}
-        return files, {"images": ref.rows, "seconds": summary["wall_s"], "telemetry": summary}
-
-    return run_stage(store, "complexity", ["saec.tasks.complexity"], dict(images=images, table=table, cfg=cfg), build)
+    frame, summary, samples = measure(lambda: complexity_scores(images.table(table), cfg), telemetry)
+    ref = write_table(frame, "complexity", out / "complexity.parquet")
+    write_table(samples, "telemetry", out / "telemetry.parquet")
+    files = {"complexity": Path(ref.path), "telemetry": out / "telemetry.parquet"}
+    return files, {"images": ref.rows, "seconds": summary["wall_s"], "telemetry": summary}
 
 
-@task(name="route-by-complexity", cache_key_fn=stage_cache_key("quota"), **STAGE_TASK)
-def quota_task(store: str, images: StageResult, table: str, complexity: StageResult, ratio: float) -> StageResult:
+@stage("quota", task="route-by-complexity")
+def quota_task(out: Path, images: StageResult, table: str, complexity: StageResult, ratio: float) -> Built:
     """Split the images: the most complex share to the cloud at once, the rest to the edge."""
-
-    def build(out: Path):
-        manifest = images.table(table)
-        ranked = complexity_quota(complexity.table("complexity"), ratio)
-        cloud_ids = set(ranked.image_id[ranked.to_cloud])
-        files = {
-            "ranked": out / "ranked.parquet",
-            "cloud_manifest": Path(write_table(manifest[manifest.image_id.isin(cloud_ids)], "manifest", out / "cloud_manifest.parquet").path),
-            "edge_manifest": Path(write_table(manifest[~manifest.image_id.isin(cloud_ids)], "manifest", out / "edge_manifest.parquet").path),
-        }  # fmt: skip
-        ranked.to_parquet(files["ranked"], index=False)
-        return files, {"to_cloud": len(cloud_ids), "to_edge": int(len(manifest) - len(cloud_ids)), "ratio": ratio}
-
-    return run_stage(store, "quota", [], dict(images=images, table=table, complexity=complexity, ratio=ratio), build)
+    manifest = images.table(table)
+    ranked = complexity_quota(complexity.table("complexity"), ratio)
+    cloud_ids = set(ranked.image_id[ranked.to_cloud])
+    files = {
+        "ranked": out / "ranked.parquet",
+        "cloud_manifest": Path(write_table(manifest[manifest.image_id.isin(cloud_ids)], "manifest", out / "cloud_manifest.parquet").path),
+        "edge_manifest": Path(write_table(manifest[~manifest.image_id.isin(cloud_ids)], "manifest", out / "edge_manifest.parquet").path),
+    }  # fmt: skip
+    ranked.to_parquet(files["ranked"], index=False)
+    return files, {"to_cloud": len(cloud_ids), "to_edge": int(len(manifest) - len(cloud_ids)), "ratio": ratio}
 
 
-@task(name="route-by-confidence", cache_key_fn=stage_cache_key("routing", ["saec.tasks.routing"]), **STAGE_TASK)
-def route_task(store: str, images: StageResult, table: str, quota: StageResult, edge: StageResult, rule: dict) -> StageResult:
+@stage("routing", task="route-by-confidence")
+def route_task(out: Path, images: StageResult, table: str, quota: StageResult, edge: StageResult, rule: dict) -> Built:
     """The routing table (branch and reason per image) and the manifest of images the edge was unsure of."""
-
-    def build(out: Path):
-        cfg = RoutingConfig(**rule)
-        routing = route_images(pd.read_parquet(quota.path("ranked")), edge.table("predictions"), cfg)
-        manifest = images.table(table)
-        uncertain = set(routing.image_id[routing.reason == "edge_uncertain"])
-        files = {
-            "routing": Path(write_table(routing, "routing", out / "routing.parquet").path),
-            "cloud_manifest": Path(write_table(manifest[manifest.image_id.isin(uncertain)], "manifest", out / "cloud_manifest.parquet").path),
-        }  # fmt: skip
-        return files, {"reasons": {k: int(v) for k, v in routing.reason.value_counts().items()}}
-
-    return run_stage(store, "routing", ["saec.tasks.routing"], dict(images=images, table=table, quota=quota, edge=edge, rule=rule), build)
+    cfg = RoutingConfig(**rule)
+    routing = route_images(pd.read_parquet(quota.path("ranked")), edge.table("predictions"), cfg)
+    manifest = images.table(table)
+    uncertain = set(routing.image_id[routing.reason == "edge_uncertain"])
+    files = {
+        "routing": Path(write_table(routing, "routing", out / "routing.parquet").path),
+        "cloud_manifest": Path(write_table(manifest[manifest.image_id.isin(uncertain)], "manifest", out / "cloud_manifest.parquet").path),
+    }  # fmt: skip
+    return files, {"reasons": {k: int(v) for k, v in routing.reason.value_counts().items()}}
 
 
 def _concat_scores(*stages: StageResult) -> pd.DataFrame:
     return pd.concat([s.table("scores") for s in stages], ignore_index=True)
 
 
-@task(name="merge-decisions", cache_key_fn=stage_cache_key("merge", ["saec.tasks.routing"]), **STAGE_TASK)
+@stage("merge", task="merge-decisions")
 def merge_task(
-    store: str, images: StageResult, table: str, routing: StageResult, edge: StageResult,
+    out: Path, images: StageResult, table: str, routing: StageResult, edge: StageResult,
     cloud_first: StageResult, cloud_second: StageResult, cloud_thr: float,
-) -> StageResult:  # fmt: skip
+) -> Built:  # fmt: skip
     """SAEC's decision per image: the edge verdict where it stood, the cloud's elsewhere."""
-
-    def build(out: Path):
-        cfg = RoutingConfig(cloud_thr=cloud_thr)
-        cloud = _concat_scores(cloud_first, cloud_second)
-        d = merge_decisions(images.table(table), routing.table("routing"), edge.table("predictions"), cloud, cfg)
-        ref = write_table(d, "decisions", out / "decisions.parquet")
-        return {"decisions": Path(ref.path)}, {"correct": int(d.correct.sum()), "n": len(d)}
-
-    params = dict(images=images, table=table, routing=routing, edge=edge, cloud_first=cloud_first,
-                  cloud_second=cloud_second, cloud_thr=cloud_thr)  # fmt: skip
-    return run_stage(store, "merge", ["saec.tasks.routing"], params, build)
+    cfg = RoutingConfig(cloud_thr=cloud_thr)
+    cloud = _concat_scores(cloud_first, cloud_second)
+    d = merge_decisions(images.table(table), routing.table("routing"), edge.table("predictions"), cloud, cfg)
+    ref = write_table(d, "decisions", out / "decisions.parquet")
+    return {"decisions": Path(ref.path)}, {"correct": int(d.correct.sum()), "n": len(d)}
 
 
 def baseline_decisions(labels: pd.DataFrame, predictions: pd.DataFrame, system: str, cloud_thr: float | None) -> pd.DataFrame:
@@ -139,29 +120,25 @@ def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.D
     return files, {"dataset": dataset, "systems": metrics.replace({np.nan: None}).to_dict("records"), "notes": notes}
 
 
-@task(name="report", cache_key_fn=stage_cache_key("report", ["saec.tasks.report", "saec.tasks.metrics"]), **STAGE_TASK)
+@stage("report", task="report")
 def report_task(
-    store: str, dataset: str, images: StageResult, outputs: dict[str, StageResult], measurements: dict[str, dict],
+    out: Path, dataset: str, images: StageResult, outputs: dict[str, StageResult], measurements: dict[str, dict],
     cloud_thr: float, notes: list[str],
-) -> StageResult:  # fmt: skip
+) -> Built:  # fmt: skip
     """Metrics per system, the figure, the markdown summary."""
-
-    def build(out: Path):
-        labels = images.table("manifest")[["image_id", "label"]]
-        rows, decisions, all_notes = [], [], list(notes)
-        for system, res in outputs.items():
-            if system == "saec":
-                d = res.table("decisions")
-                m = measurements[system]
-                all_notes.append(f"SAEC wall time {m['wall_s']:.2f} s measured ({m.get('measured')}, run "
-                                 f"{m.get('run_id', '?')}); serial sum of its stages {m['serial_s']:.2f} s")  # fmt: skip
-            else:
-                table = res.table("predictions" if system == "edge_only" else "scores")
-                d = baseline_decisions(labels, table, system, None if system == "edge_only" else cloud_thr)
-            rows.append(system_row(system, d, measurements[system]))
-            decisions.append(d)
-        all_notes.append("energy counted from: " + "; ".join(f"{r['system']}: {r['energy_sources']}" for r in rows))
-        return write_report(out, dataset, rows, decisions, all_notes)
-
-    params = dict(dataset=dataset, images=images, outputs=outputs, measurements=measurements, cloud_thr=cloud_thr, notes=notes)
-    return run_stage(store, "report", ["saec.tasks.report", "saec.tasks.metrics"], params, build)
+    labels = images.table("manifest")[["image_id", "label"]]
+    rows, decisions, all_notes = [], [], list(notes)
+    for system, res in outputs.items():
+        if system == "saec":
+            d = res.table("decisions")
+            m = measurements[system]
+            wall = "n/a" if m.get("wall_s") is None else f"{m['wall_s']:.2f} s"
+            all_notes.append(f"SAEC wall time {wall} ({m.get('measured')}, run {m.get('run_id', '?')}); "
+                             f"serial sum of its stages {m['serial_s']:.2f} s")  # fmt: skip
+        else:
+            table = res.table("predictions" if system == "edge_only" else "scores")
+            d = baseline_decisions(labels, table, system, None if system == "edge_only" else cloud_thr)
+        rows.append(system_row(system, d, measurements[system]))
+        decisions.append(d)
+    all_notes.append("energy counted from: " + "; ".join(f"{r['system']}: {r['energy_sources']}" for r in rows))
+    return write_report(out, dataset, rows, decisions, all_notes)

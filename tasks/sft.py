@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
-from prefect import task
 
 from saec.artifacts.store import StageResult, atomic_path, write_table
 from saec.datasets.images import BadImage, mask_boxes
 from saec.prompts import chat_messages
 from saec.tasks.cloud.explain import ExplainTarget, describe_defect
-from saec.tasks.stage import STAGE_TASK, run_stage, stage_cache_key
+from saec.tasks.stage import Built, stage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ def split_sft(images: pd.DataFrame, cfg: SFTConfig) -> tuple[pd.DataFrame, pd.Da
     return manifest(train_parts, "sft_train"), manifest(val_parts, "sft_val")
 
 
-SFT_MODULES = ["saec.prompts", "saec.tasks.cloud.explain", "saec.datasets.images"]  # code the SFT files depend on
 
 
 def explain_target(mask_path: str | Path | None, defect_type: str, size: tuple[int, int]) -> tuple[dict | None, str]:
@@ -124,28 +122,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-@task(name="build-sft", cache_key_fn=stage_cache_key("sft", SFT_MODULES), **STAGE_TASK)
-def sft_task(store: str, scan: StageResult, cfg: SFTConfig) -> StageResult:
+@stage("sft", task="build-sft")
+def sft_task(out: Path, scan: StageResult, cfg: SFTConfig) -> Built:
     """Train/val JSONL and their manifests from the MVTec AD scan."""
-
-    def build(out: Path):
-        images = scan.table("images")
-        train, val = split_sft(images, cfg)
-        masks = mask_paths(images)
-        targets: dict[str, dict[str, int]] = {"train": {}, "val": {}}
-        files = {
-            "train_jsonl": write_jsonl(train, out / "sft_train.jsonl", masks, targets["train"]),
-            "val_jsonl": write_jsonl(val, out / "sft_val.jsonl", masks, targets["val"]),
-            "train_manifest": Path(write_table(train, "manifest", out / "sft_train.parquet").path),
-            "val_manifest": Path(write_table(val, "manifest", out / "sft_val.parquet").path),
-        }
-        info = {
-            "train": {"good": int((train.label == 0).sum()), "defect": int((train.label == 1).sum())},
-            "val": {"good": int((val.label == 0).sum()), "defect": int((val.label == 1).sum())},
-            "defect_train_ratio": cfg.defect_train_ratio,
-            "seed": cfg.seed,
-            "explain_targets": targets,  # defect examples by explanation target: "ok" or why none
-        }
-        return files, info
-
-    return run_stage(store, "sft", SFT_MODULES, dict(scan=scan, cfg=cfg), build)
+    images = scan.table("images")
+    train, val = split_sft(images, cfg)
+    masks = mask_paths(images)
+    targets: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    files = {
+        "train_jsonl": write_jsonl(train, out / "sft_train.jsonl", masks, targets["train"]),
+        "val_jsonl": write_jsonl(val, out / "sft_val.jsonl", masks, targets["val"]),
+        "train_manifest": Path(write_table(train, "manifest", out / "sft_train.parquet").path),
+        "val_manifest": Path(write_table(val, "manifest", out / "sft_val.parquet").path),
+    }
+    info = {
+        "train": {"good": int((train.label == 0).sum()), "defect": int((train.label == 1).sum())},
+        "val": {"good": int((val.label == 0).sum()), "defect": int((val.label == 1).sum())},
+        "defect_train_ratio": cfg.defect_train_ratio,
+        "seed": cfg.seed,
+        "explain_targets": targets,  # defect examples by explanation target: "ok" or why none
+    }
+    return files, info

@@ -1,29 +1,54 @@
-"""How a stage becomes a cached Prefect task.
+"""Stages: declared once, cached in the artifact store, run as Prefect tasks.
 
-A stage's cache key is the hash of (stage name, code version of the modules that
-compute it, its configuration, and the content hashes of its inputs). The same
-key names its output folder in the artifact store, so a cache hit in Prefect and
-an existing folder in the store always agree. Tasks take and return small
-references (`DatasetRef`, `StageResult`), never the data.
+A stage is a plain function that builds its output into the folder it is given and returns
+({output name: file or folder inside it}, info):
+
+    @stage("scan_mvtec", task="scan-mvtec")
+    def scan_mvtec(out: Path, source: DatasetRef, cfg: ScanConfig) -> Built:
+        ...
+
+That declaration is the only place the stage is named. From it come:
+
+* its cache key: the stage name, the code version of everything the function runs
+  (`saec.artifacts.code`: computed from the source, comments and docstrings excluded), the
+  versions of the libraries that compute results, and its parameters, each data input by
+  content (a stage output by the identity of what it holds, a dataset or model folder by
+  the hash of its files, a weights file in a config by its bytes). Parameters named in
+  `observe` say how to watch the stage, not what it computes, and are not keyed;
+* its folder in the artifact store, `stages/<name>/<key>/`, which is the cache: a verified
+  folder there is a hit, and nothing else is (Prefect keeps no result records of its own);
+* a Prefect task named `task`, called as `scan_mvtec(store=..., source=..., cfg=...)`,
+  which returns the `StageResult` and ends in a Completed state named "Cached" on a hit.
+
+Tasks take and return small references (`DatasetRef`, `ModelRef`, `StageResult`), never data.
 """
 from __future__ import annotations
 
-import sys
-from functools import lru_cache
+import importlib.metadata
+import inspect
+import shutil
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 from pydantic import BaseModel
 
-from saec.artifacts.hashing import code_version, hash_obj
+from saec.artifacts.code import code_identity
+from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import StageResult, Store
 
-# Every stage task persists its (small) result so that later runs can hit the cache.
-STAGE_TASK: dict[str, Any] = {"persist_result": True, "cache_expiration": None}
+Built = tuple[dict[str, Path], dict[str, Any]]
+
+# Libraries whose version can change what a stage computes; every key holds their versions.
+LIBRARIES = ("numpy", "pandas", "pyarrow", "pillow", "opencv-python", "opencv-python-headless", "torch", "torchvision",
+             "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "ultralytics", "onnx", "onnxruntime")  # fmt: skip
 
 
 class ModelRef(BaseModel):
-    """A model folder (or weights file) and its identity hash."""
+    """A model folder (or weights file) and its content hash."""
 
     kind: str
     path: str
@@ -39,75 +64,139 @@ class DatasetRef(BaseModel):
     files: int
 
 
-def _keyable(value: Any) -> Any:
+def keyable(value: Any) -> Any:
+    """What of a parameter enters a cache key: content identities, never where things lie."""
     if isinstance(value, StageResult):
         return {"stage": value.stage, "digest": value.digest()}
-    if isinstance(value, (DatasetRef, ModelRef)):
+    if isinstance(value, DatasetRef):  # a scan records the files' paths, so where they lie is an input too
+        return {"kind": value.kind, "sha256": value.sha256, "path": value.path}
+    if isinstance(value, ModelRef):
         return {"kind": value.kind, "sha256": value.sha256}
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        view = getattr(value, "cache_key_view", None)
+        return keyable(view() if callable(view) else value.model_dump(mode="json"))
     if isinstance(value, dict):
-        return {k: _keyable(v) for k, v in value.items()}
+        return {k: keyable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_keyable(v) for v in value]
+        return [keyable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 @lru_cache(maxsize=None)
-def _code(modules: tuple[str, ...]) -> str:
-    return code_version(*modules)
+def library_versions() -> dict[str, str | None]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
-# Parameters that say where or how to observe a stage, not what it computes.
-NOT_KEYED = frozenset({"store", "telemetry", "label"})
+STAGES: dict[str, "Stage"] = {}  # by Prefect task name
 
 
-def stage_key(stage: str, modules: Iterable[str], params: dict[str, Any]) -> str:
-    inputs = {k: _keyable(v) for k, v in sorted(params.items()) if k not in NOT_KEYED}
-    return hash_obj({"stage": stage, "code": _code(tuple(sorted(set(modules)))), "inputs": inputs})[:24]
+class Stage:
+    """One stage's declaration: its name, the function that builds it, what is not keyed."""
+
+    def __init__(self, name: str, fn: Callable[..., Built], *, task: str, work_dir: bool = False,
+                 observe: tuple[str, ...] = (), measurements: tuple[str, ...] = ("telemetry",), retries: int = 0):  # fmt: skip
+        self.name = name
+        self.fn = fn
+        self.work_dir = work_dir
+        self.observe = frozenset(observe)
+        self.measurements = tuple(measurements)
+        sig = inspect.signature(fn)
+        skip = 2 if work_dir else 1  # (out) or (out, work)
+        listed = list(sig.parameters.values())[skip:]
+        self.wants_store = any(p.name == "store" for p in listed)  # a stage may keep a cache in the store
+        self.params = [p for p in listed if p.name != "store"]
+        self.task = self._make_task(task, retries)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, task={self.task.name!r})"
+
+    @cached_property
+    def code(self) -> str:
+        """The code version: everything the function runs, and the library versions."""
+        return hash_obj({"code": code_identity(self.fn), "libraries": library_versions()})[:16]
+
+    def key(self, params: dict[str, Any]) -> str:
+        unknown = sorted(set(params) - {p.name for p in self.params} - {"store"})
+        if unknown:
+            raise TypeError(f"stage {self.name!r} takes no parameter(s) {unknown}")
+        inputs = {k: keyable(v) for k, v in sorted(params.items()) if k not in self.observe and k != "store"}
+        return hash_obj({"stage": self.name, "code": self.code, "inputs": inputs})[:24]
+
+    def lookup(self, store: str | Path, params: dict[str, Any]) -> StageResult | None:
+        """The verified stored output for these parameters, or None; computes nothing."""
+        return Store(store).lookup(self.name, self.key(params))
+
+    def get(self, store: str | Path, params: dict[str, Any]) -> tuple[StageResult, bool]:
+        """(output, reused): the stored output, or built now under the key's lock."""
+        st = Store(store)
+        key = self.key(params)
+        kwargs = {k: v for k, v in params.items() if k != "store"}
+        if self.wants_store:
+            kwargs["store"] = str(st.root)
+        if self.work_dir:
+            work = st.root / "work" / self.name / key
+
+            def build(out: Path) -> Built:
+                work.mkdir(parents=True, exist_ok=True)
+                return self.fn(out, work, **kwargs)
+        else:
+
+            def build(out: Path) -> Built:
+                return self.fn(out, **kwargs)
+
+        result, reused = st.get_or_build(self.name, key, build, measurements=self.measurements, code=self.code)
+        if self.work_dir and not reused:  # published: the checkpoints that let a failed build resume are done with
+            shutil.rmtree(st.root / "work" / self.name / key, ignore_errors=True)
+        return result, reused
+
+    def _make_task(self, name: str, retries: int) -> Task:
+        decl = self
+
+        def run(store: str, **params: Any) -> Any:
+            result, reused = decl.get(store, params)
+            return Completed(name="Cached", data=result, message="output found in the artifact store") if reused else result
+
+        store_param = inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str")
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in self.params]  # passed by name
+        run.__signature__ = inspect.Signature([store_param, *params], return_annotation="StageResult")  # type: ignore[attr-defined]
+        run.__annotations__ = {"store": "str", **{p.name: p.annotation for p in self.params}, "return": "StageResult"}
+        run.__wrapped__ = self.fn  # type: ignore[attr-defined]  # type hints resolve in the stage's module
+        for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+            setattr(run, attr, getattr(self.fn, attr))
+        task = Task(fn=run, name=name, cache_policy=NO_CACHE, persist_result=False, retries=retries)
+        known = STAGES.get(name)
+        if known is not None and (known.fn.__module__, known.fn.__qualname__) != (self.fn.__module__, self.fn.__qualname__):
+            raise ValueError(f"two stages are declared with the task name {name!r}")
+        STAGES[name] = self
+        return task
 
 
-_BASE_MODULES = ("saec.tasks.stage", "saec.artifacts.store", "saec.artifacts.schemas")
+def stage(name: str, *, task: str, work_dir: bool = False, observe: tuple[str, ...] = (),
+          measurements: tuple[str, ...] = ("telemetry",), retries: int = 0) -> Callable[[Callable[..., Built]], Task]:  # fmt: skip
+    """Declare a cached stage; the decorated function becomes its Prefect task (see the module docstring).
 
-
-def stage_cache_key(stage: str, modules: Iterable[str] = ()) -> Callable[[Any, dict], str]:
-    """A Prefect `cache_key_fn` for `stage`; call it at module level of the task's module."""
-    caller = sys._getframe(1).f_globals["__name__"]
-    mods = (*_BASE_MODULES, caller, *modules)
-
-    def cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-        # the store is part of Prefect's key (each store caches its own outputs), not of the folder name
-        where = hash_obj(str(Path(params["store"]).resolve()))[:8]
-        return f"{stage}-{stage_key(stage, mods, params)}-{where}"
-
-    cache_key.modules = mods  # type: ignore[attr-defined]
-    return cache_key
-
-
-def run_stage(
-    store: str | Path,
-    stage: str,
-    modules: Iterable[str],
-    params: dict[str, Any],
-    build: Callable[..., tuple[dict[str, Path], dict[str, Any]]],
-    *,
-    work_dir: bool = False,
-) -> StageResult:
-    """Return the stage output for these params, building it only if the store lacks it.
-
-    With `work_dir=True`, `build(out, work)` also gets a folder that survives a failed or
-    interrupted build (checkpoints live there, so a re-run resumes).
+    `work_dir`: the function also gets a folder that survives a failed or interrupted build
+    (checkpoints live there, so a re-run resumes). `measurements`: outputs that record how the
+    run went (telemetry samples, timings) and are not part of the output's identity.
     """
-    caller = sys._getframe(1).f_globals["__name__"]
-    key = stage_key(stage, (*_BASE_MODULES, caller, *modules), params)
-    st = Store(store)
-    existing = st.load_stage(stage, key)
-    if existing is not None:
-        return existing
-    if work_dir:
-        work = st.root / "work" / stage / key
-        work.mkdir(parents=True, exist_ok=True)
-        return st.build_stage(stage, key, lambda out: build(out, work))
-    return st.build_stage(stage, key, build)
+
+    def declare(fn: Callable[..., Built]) -> Task:
+        return Stage(name, fn, task=task, work_dir=work_dir, observe=observe, measurements=measurements, retries=retries).task
+
+    return declare
+
+
+def stage_of(task: Task) -> Stage:
+    """The declaration behind a stage task (or one made from it with `with_options`)."""
+    try:
+        return STAGES[task.name]
+    except KeyError:
+        raise LookupError(f"{task.name!r} is not a declared stage; stages: {sorted(STAGES)}") from None

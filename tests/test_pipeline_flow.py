@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from saec.artifacts.store import Store
 from saec.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -54,10 +55,18 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
 
     assert {"mvtec-holdout-metrics", "mvtec-holdout-report"} <= asyncio.run(artifact_keys())
 
-    second = pipeline_flow(load_config(None, base))
-    assert set(_states(second).values()) == {"cached"}
+    # the deployed entry point on the same store: every stage found in the store, reported as cached,
+    # and SAEC's wall time is the one the first run measured (it names that run)
+    from saec.flows.remote import saec_pipeline
+
+    deployed = saec_pipeline(overrides=base)
+    assert set(deployed["stages"].values()) == {"cached"}
+    second = {"run": Store(tmp_path / "store").open_run(deployed["run_id"]), "reports": {
+        "mvtec_holdout": Store(tmp_path / "store").lookup("report", Path(deployed["reports"]["mvtec_holdout"]).name)}}
     again = pd.read_parquet(second["reports"]["mvtec_holdout"].path("metrics"))
     pd.testing.assert_frame_equal(again, metrics)  # the cached SAEC measurement is the one that was taken
+    notes = second["reports"]["mvtec_holdout"].info["notes"]
+    assert any(f"executed, run {first['run'].run_id}" in n for n in notes), notes
 
     # the cloud's decision threshold only touches the merge and the report
     third = pipeline_flow(load_config(None, [*base, "routing.cloud_thr=0.6"]))
@@ -73,3 +82,28 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     before = third["run"].record["stages"]["mvtec_holdout/routing"]["outputs"]["routing"]["sha256"]
     after = fourth["run"].record["stages"]["mvtec_holdout/routing"]["outputs"]["routing"]["sha256"]
     assert ("mvtec_holdout/merge" in ran) == (before != after)
+    # part of SAEC executed: no wall time is made up from a mix of executed and stored work
+    saec4 = pd.read_parquet(fourth["reports"]["mvtec_holdout"].path("metrics")).set_index("system").loc["saec"]
+    if ran & {"mvtec_holdout/saec_cloud_unsure"}:
+        assert pd.isna(saec4.wall_s) and saec4.measured.startswith("not measured: only")
+
+
+def test_reevaluation_after_a_change_to_the_training_code_uses_the_source_runs_models(prefect_server, tmp_path, monkeypatch):
+    from saec.flows.pipeline import pipeline_flow
+    from saec.flows.reevaluate import reevaluate_flow
+    from saec.tasks.drift import DriftConfig
+    from saec.tasks.stage import STAGES
+
+    cfg = load_config(None, [*SMALL, "evaluate.systems=[saec, cloud_only]", f"store.root={tmp_path / 'store'}"])
+    source = pipeline_flow(cfg)["run"]
+    for name in ("train-cloud", "train-edge"):  # as after an edit to the training code: other cache keys
+        monkeypatch.setitem(STAGES[name].__dict__, "code", "edited-training-code")
+    out = reevaluate_flow(cfg, DriftConfig(), None, "test")
+    rec = out["run"].record
+    assert rec["status"] == "completed" and rec["models_from"] == source.run_id
+    for stage in ("train_cloud", "train_edge", "sft"):
+        assert rec["stages"][stage]["dir"] == source.record["stages"][stage]["dir"]
+        assert rec["stages"][stage]["state"] == "cached"
+    assert rec["models_code"]["train_cloud"] == source.record["stages"]["train_cloud"]["code"] != "edited-training-code"
+    assert set(rec["stages"][k]["state"] for k in rec["stages"]) == {"cached"}  # nothing else changed either
+    assert rec["code_version"]

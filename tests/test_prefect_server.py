@@ -63,7 +63,7 @@ def test_stage_parameters_survive_the_wire_with_the_same_cache_key(tmp_path):
     from saec.config import load_config
     from saec.flows.remote import decode_params, encode_params
     from saec.tasks.cloud.task import score_cloud
-    from saec.tasks.stage import ModelRef
+    from saec.tasks.stage import ModelRef, stage_of
 
     cfg = load_config(None, [f"store.root={tmp_path}"])
     images = Store(tmp_path).build_stage("quota", "k1", lambda out: ({"m": _write(out / "m.txt", "x")}, {"n": 1}))
@@ -74,7 +74,7 @@ def test_stage_parameters_survive_the_wire_with_the_same_cache_key(tmp_path):
     back = decode_params(score_cloud, wire)
     assert type(back["images"]).__name__ == "StageResult" and back["images"].digest() == images.digest()
     assert back["cfg"] == params["cfg"] and back["adapter"] is None
-    assert score_cloud.cache_key_fn(None, back) == score_cloud.cache_key_fn(None, params)
+    assert stage_of(score_cloud).key(back) == stage_of(score_cloud).key(params)
     with pytest.raises(TypeError, match="no parameter"):
         encode_params(score_cloud, {**params, "bogus": 1})
 
@@ -300,6 +300,20 @@ def _run_record(summary: dict) -> dict:
     return json.loads((Path(summary["run_dir"]) / "run.json").read_text())
 
 
+def _summary(store: Path, flow_run_id) -> dict:
+    """What a deployment run did, from the run records it left in the store (Prefect keeps no results).
+
+    The latest record whose Prefect flow run (or the deployment run above it) is `flow_run_id`;
+    a retried run writes a new record on each attempt.
+    """
+    records = [json.loads(p.read_text()) for p in store.glob("runs/*/run.json")]
+    mine = [r for r in records if str(flow_run_id) in (str(r.get("root_flow_run_id")), str(r.get("flow_run_id")))]
+    assert mine, f"no run record of flow run {flow_run_id} in {store}"
+    rec = max(mine, key=lambda r: (r["started"], r["run_id"]))
+    return {"run_id": rec["run_id"], "run_dir": str(store / "runs" / rec["run_id"]), "status": rec["status"],
+            "stages": {n: st["state"] for n, st in rec["stages"].items()}, "record": rec}  # fmt: skip
+
+
 # ------------------------------------------------------------------ the integration test
 
 
@@ -317,8 +331,8 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     ref_id = _trigger(stack, "saec-pipeline/in-process", overrides=base)
     ref = _wait(stack, ref_id)
     assert ref.state.is_completed(), ref.state.message
-    summary = ref.state.result()
-    record = _run_record(summary)
+    summary = _summary(store, ref_id)
+    record = summary["record"]
     assert record["status"] == "completed" and set(summary["stages"].values()) == {"ran"}
     metrics = pd.read_parquet(_table_path(record, "mvtec_holdout/report:metrics"))
     assert list(metrics.system) == ["saec"] and metrics.n.iloc[0] == record["stages"]["holdout"]["outputs"]["manifest"]["rows"]
@@ -344,15 +358,14 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     second = _wait(stack, run_id)
     assert second.state.is_completed(), second.state.message
     assert second.run_count == 2
-    resumed_summary = second.state.result()
-    resumed = _run_record(resumed_summary)
+    resumed = _summary(store, run_id)["record"]
     states = {name: st["state"] for name, st in resumed["stages"].items()}
     assert {n for n, s in states.items() if s == "cached"} == BEFORE_FAULT
     assert {n for n, s in states.items() if s == "ran"} == set(states) - BEFORE_FAULT
     # the retry sent only what had to compute; train-edge and build-tiny-vlm came from the cache in the parent
-    sent = {d["stage"]: d["deployment"] for d in resumed_summary["dispatched"]}
+    sent = {d["stage"]: d["deployment"] for d in resumed["dispatched"]}
     assert sent == {"train-cloud": "run-stage/cloud", "predict-edge": "run-stage/edge", "score-cloud": "run-stage/cloud"}
-    assert not any(d["cached"] for d in resumed_summary["dispatched"])
+    assert not any(d["cached"] for d in resumed["dispatched"])
     with _client(stack) as client:
         stage_runs = [r for r in _descendants(client, run_id) if r.deployment_id is not None]
         pools_used = {r.name.split(":")[0]: r.work_pool_name for r in stage_runs if r.state.is_completed()}
@@ -367,20 +380,22 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     nightly = dict(drift=drift, distributed=True, remote=FAST_REMOTE)
     night1 = _wait(stack, _trigger(stack, "saec-evaluate/nightly", overrides=base, **nightly))
     assert night1.state.is_completed(), night1.state.message
-    out1 = night1.state.result()
+    out1s = _summary(store, night1.id)
+    out1 = out1s["record"]
     assert out1["models_from"] == resumed["run_id"] and out1["deployment"] == "saec-evaluate/nightly"
     assert out1["drift"]["mvtec_holdout"]["previous_run"] is None
-    assert set(out1["stages"].values()) == {"cached"} and out1["dispatched"] == []
+    assert set(out1s["stages"].values()) == {"cached"} and out1["dispatched"] == []
     night2_id = _trigger(stack, "saec-evaluate/nightly", overrides=[*base, "routing.cloud_thr=0.9"], **nightly)
     night2 = _wait(stack, night2_id)
     assert night2.state.is_completed(), night2.state.message
-    out2 = night2.state.result()
+    out2s = _summary(store, night2_id)
+    out2 = out2s["record"]
     assert out2["drift"]["mvtec_holdout"]["previous_run"] == out1["run_id"]
-    ran = {n for n, s in out2["stages"].items() if s == "ran"}
+    ran = {n for n, s in out2s["stages"].items() if s == "ran"}
     assert {"mvtec_holdout/merge", "mvtec_holdout/report"} <= ran
     assert {d["stage"] for d in out2["dispatched"]} == ({"score-cloud"} if ran & {"mvtec_holdout/saec_cloud_quota"} else set())
     table = pd.read_parquet(out2["drift"]["mvtec_holdout"]["table"]).set_index("metric")
-    before, after = (_run_record(o)["stages"]["mvtec_holdout/report"]["info"]["systems"][0] for o in (out1, out2))
+    before, after = (o["stages"]["mvtec_holdout/report"]["info"]["systems"][0] for o in (out1, out2))
     for metric in ("accuracy", "balanced_accuracy", "cloud_share"):
         assert table.loc[metric, "previous"] == pytest.approx(before[metric])
         assert table.loc[metric, "current"] == pytest.approx(after[metric])

@@ -49,6 +49,13 @@ def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_se
     assert _states(second) == {s: "cached" for s in stages}
     assert second["holdout"].digest() == first["holdout"].digest()
 
+    # a table of a cached stage truncated on disk: that stage is built again, nothing after it
+    table = second["scan_ksdd2"].path("images")
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    healed = prepare_flow(cfg)
+    assert _states(healed) == {s: "ran" if s == "scan_ksdd2" else "cached" for s in stages}
+    assert len(healed["scan_ksdd2"].table("images")) == len(first["scan_ksdd2"].table("images"))
+
     # one MVTec image changes: only the MVTec stages run again
     save(mvtec / "alpha" / "test" / "good" / "000.png", noise((32, 32, 3), 4242))
     third = prepare_flow(cfg)
@@ -66,4 +73,4 @@ def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_se
         prepare_flow(cfg)
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/run.json")]
     (failed,) = [r for r in records if r["status"] == "failed"]
-    assert "LeakageError" in failed["error"] and len(records) == 5
+    assert "LeakageError" in failed["error"] and len(records) == 6

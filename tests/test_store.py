@@ -58,7 +58,7 @@ def test_stage_folder_appears_only_when_complete(tmp_path):
     with pytest.raises(RuntimeError):
         store.build_stage("demo", "k1", broken)
     assert not store.stage_dir("demo", "k1").exists()
-    assert list((tmp_path / "stages" / "demo").iterdir()) == []
+    assert [p.name for p in (tmp_path / "stages" / "demo").iterdir()] == [".k1.lock"]  # the key's lock file only
 
     def ok(out):
         ref = write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet")
@@ -89,7 +89,8 @@ def test_stage_info_names_the_published_folder_not_the_build_folder(tmp_path):
         (out / "summary.json").write_text(json.dumps({"table": str(out / "q.parquet")}))
         (out / "sub").mkdir()
         (out / "sub" / "record.json").write_text(json.dumps({"here": str(out)}))
-        return {"q": out / "q.parquet"}, {"table": out / "q.parquet", "nested": [{"dir": str(out)}], "rows": ref.rows}
+        files = {"q": out / "q.parquet", "summary": out / "summary.json", "sub": out / "sub"}
+        return files, {"table": out / "q.parquet", "nested": [{"dir": str(out)}], "rows": ref.rows}
 
     result = store.build_stage("demo", "k2", build)
     final = store.stage_dir("demo", "k2")
@@ -99,3 +100,92 @@ def test_stage_info_names_the_published_folder_not_the_build_folder(tmp_path):
     assert store.load_stage("demo", "k2").info == result.info
     # files below the top level are left as written (an adapter's identity hash covers them)
     assert ".building-" in json.loads((final / "sub" / "record.json").read_text())["here"]
+
+
+# ------------------------------------------------------------------ concurrency, damage, leftovers
+
+
+def _slow_build(root: str, log: str) -> str:
+    """Build stage (demo, k) in another process; note each build in `log`; return the digest."""
+    import os
+    import time
+
+    def build(out):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        return {"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path}, {}
+
+    return Store(root).build_stage("demo", "k", build).digest()
+
+
+def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    log = tmp_path / "builds.log"
+    with ProcessPoolExecutor(3) as pool:
+        digests = list(pool.map(_slow_build, [str(tmp_path / "store")] * 3, [str(log)] * 3))
+    assert len(set(digests)) == 1
+    assert len(log.read_text().split()) == 1  # the others waited for the lock and reused the output
+    assert [p.name for p in (tmp_path / "store" / "stages" / "demo").iterdir() if ".building-" in p.name] == []
+
+
+def test_a_damaged_output_is_rebuilt_with_a_warning(tmp_path, caplog):
+    store = Store(tmp_path)
+    calls = []
+
+    def build(out):
+        calls.append(1)
+        return {"q": write_table(pd.DataFrame([ROW] * 50), "quarantine", out / "q.parquet").path}, {}
+
+    first = store.build_stage("demo", "k", build)
+    table = Path(first.outputs["q"].path)
+    table.write_bytes(table.read_bytes()[:-20])  # truncated
+    assert store.lookup("demo", "k") is None
+    assert "damaged" in caplog.text and "q.parquet" in caplog.text
+    again = store.build_stage("demo", "k", build)
+    assert len(calls) == 2 and again.digest() == first.digest() and len(again.table("q")) == 50
+    same_size = bytearray(table.read_bytes())
+    same_size[len(same_size) // 2] ^= 0xFF  # one byte changed, size kept: the content hash sees it
+    table.write_bytes(bytes(same_size))
+    assert store.lookup("demo", "k") is None
+
+
+def test_a_build_must_declare_every_file_it_writes(tmp_path):
+    from saec.artifacts.store import StoreError
+
+    def sloppy(out):
+        (out / "extra.txt").write_text("not declared")
+        return {"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path}, {}
+
+    with pytest.raises(StoreError, match="does not declare as outputs: extra.txt"):
+        Store(tmp_path).build_stage("demo", "k", sloppy)
+    assert not Store(tmp_path).stage_dir("demo", "k").exists()
+
+
+def test_leftovers_of_dead_builders_are_removed_and_dead_runs_marked(tmp_path):
+    store = Store(tmp_path)
+    leftover = tmp_path / "stages" / "demo" / ".k.building-host-1-abc"
+    leftover.mkdir(parents=True)
+    (leftover / "half.parquet").write_bytes(b"PAR1")
+    assert store.clear_leftovers() == 1 and not leftover.exists()
+    run = store.new_run("pipeline")
+    run.record.update(pid=2**22 + 7, pid_started=1.0)  # a process that is not there
+    run.save()
+    alive = store.new_run("pipeline")
+    alive.save()  # this process: still running
+    assert store.mark_interrupted() == [run.run_id]
+    assert store.open_run(run.run_id).record["status"] == "interrupted"
+    assert store.open_run(alive.run_id).record["status"] == "running"
+
+
+def test_a_copied_store_serves_its_outputs_from_where_it_lies(tmp_path):
+    import shutil
+
+    store = Store(tmp_path / "a")
+    built = store.build_stage("demo", "k", lambda out: ({"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path}, {}))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    copy = Store(tmp_path / "b").lookup("demo", "k")
+    assert copy is not None and copy.digest() == built.digest()
+    assert copy.path("q").is_relative_to(tmp_path / "b") and copy.table("q").reason.tolist() == ["empty_file"]

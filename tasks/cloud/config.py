@@ -24,6 +24,11 @@ class _Strict(BaseModel):
     def _device(cls, value: str) -> str:
         return _check_device(value)
 
+    def cache_key_view(self) -> dict:
+        """What a cache key holds: not the model and adapter paths (stages key those folders by
+        content, as the ModelRef beside the config) nor whether a progress bar shows."""
+        return self.model_dump(mode="json", exclude={"model", "adapter", "progress"})
+
 
 def _check_device(value: str) -> str:
     if value == "auto" or value == "cpu" or value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):

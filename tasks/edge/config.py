@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from saec.artifacts.hashing import sha256_file
+
 EdgeMode = Literal["imagenet_rule", "supervised"]
 Runtime = Literal["auto", "onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
@@ -87,6 +89,14 @@ def find_model_yaml(name: str) -> Path | None:
 
 def is_model_yaml(weights: str) -> bool:
     return Path(weights).suffix.lower() in (".yaml", ".yml")
+
+
+def weights_identity(weights: str) -> dict[str, str | None]:
+    """The content behind `edge.weights`: the checkpoint's bytes, or the model definition's."""
+    if is_model_yaml(weights):
+        found = find_model_yaml(weights)
+        return {"yaml": Path(weights).name, "definition": sha256_file(found) if found else None}
+    return {"checkpoint": sha256_file(weights)}
 
 
 class Thresholds(BaseModel):
@@ -229,6 +239,10 @@ class EdgeConfig(BaseModel):
         if self.imgsz is None:
             object.__setattr__(self, "imgsz", DEFAULT_IMGSZ[self.mode])
         return self
+
+    def cache_key_view(self) -> dict:
+        """What a cache key holds of this config: the weights by content, never by path."""
+        return self.model_dump(mode="json") | {"weights": weights_identity(self.weights)}
 
     # ------------------------------------------------------------------ derived values
     @property
