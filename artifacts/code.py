@@ -3,8 +3,9 @@
 A stage's cache key must change when the code that computes its output changes, and only
 then. `code_identity(fn)` collects that code without a hand-kept list:
 
-* the function itself, and every function, class or constant of its own module that it
-  names (followed transitively through what those name in turn);
+* the function itself, the types of its parameters, and every function, class or constant
+  of its own module that it names (followed transitively through what those name in turn;
+  decorators and other type annotations compute nothing and are not followed);
 * every project module it imports or names from another module (a lazy import inside the
   function counts), with everything those modules import, transitively: for another
   module the unit is the whole module.
@@ -139,6 +140,25 @@ def _names_used(tree: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in skip}
 
 
+def _parameter_types(tree: ast.Module) -> set[str]:
+    """Names in the parameter annotations of the definition in `tree`."""
+    fn = tree.body[0]
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return set()
+    args = fn.args
+    found: set[str] = set()
+    for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+        ann = a.annotation
+        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # a quoted annotation
+            try:
+                ann = ast.parse(ann.value, mode="eval")
+            except SyntaxError:
+                continue
+        if ann is not None:
+            found |= {n.id for n in ast.walk(ann) if isinstance(n, ast.Name)}
+    return found
+
+
 def _package_of(name: str) -> str:
     return name if _is_package(name) else name.rpartition(".")[0]
 
@@ -216,7 +236,10 @@ def code_identity(fn: Callable) -> dict[str, str]:
         own[label] = _digest(normalized(source))
         tree = _parse(source)
         others |= _imported(tree, package)
-        for name in sorted(_names_used(tree)):
+        used = _names_used(tree)
+        if obj is fn:  # the types of its parameters: their methods may run (cfg.resolved_threads())
+            used |= _parameter_types(tree)
+        for name in sorted(used):
             if name not in names or name in own:
                 continue
             value = names[name]
@@ -246,11 +269,6 @@ def code_identity(fn: Callable) -> dict[str, str]:
     pieces = {f"{module.__name__}:{k}": v for k, v in own.items()}
     pieces.update(module_closure(others))
     return dict(sorted(pieces.items()))
-
-
-def code_version(fn: Callable) -> str:
-    """One hash of `code_identity(fn)`."""
-    return hashlib.sha256(json.dumps(code_identity(fn), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def project_code_version() -> str:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 
 from saec.artifacts.hashing import canonical_json, hash_obj, sha256_file
 from saec.artifacts.schemas import MEASURED_COLUMNS, SCHEMAS, conform
+from saec.errors import ActionableError
 
 STAGE_RECORD = "_stage.json"
 RUN_RECORD = "run.json"
@@ -52,7 +53,7 @@ VERIFY_HASH_BYTES = 16 << 20
 log = logging.getLogger("saec.store")
 
 
-class StoreError(RuntimeError):
+class StoreError(ActionableError, RuntimeError):
     """The store cannot be used as asked (not writable, disk full, damaged); the message says what to do."""
 
 
@@ -95,6 +96,23 @@ class StageResult(BaseModel):
         """Content identity of this output: what it holds for the stages that read it."""
         held = {k: v.identity or v.sha256 for k, v in self.outputs.items() if k not in self.measurements}
         return hash_obj({"stage": self.stage, "outputs": held})
+
+
+class ModelRef(BaseModel):
+    """A model folder (or weights file) and its content hash."""
+
+    kind: str
+    path: str
+    sha256: str
+
+
+class DatasetRef(BaseModel):
+    """A source dataset folder and the content hash of everything in it."""
+
+    kind: str
+    path: str
+    sha256: str
+    files: int
 
 
 class _Record(StageResult):
@@ -341,9 +359,6 @@ class Store:
             return None
         return _as_result(record, folder)
 
-    def load_stage(self, stage: str, key: str) -> StageResult | None:
-        return self.lookup(stage, key)
-
     def build_stage(self, stage: str, key: str, build: Build, *, measurements: tuple[str, ...] = (),
                     code: str = "") -> StageResult:  # fmt: skip
         """The output of (stage, key): the verified one in the store, or `build(tmp_dir)` published."""
@@ -559,7 +574,9 @@ def _schema_of(path: Path) -> str | None:
 
 
 __all__ = [
+    "DatasetRef",
     "FileRef",
+    "ModelRef",
     "RunFolder",
     "SCHEMAS",
     "StageResult",

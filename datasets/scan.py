@@ -11,9 +11,10 @@ import pandas as pd
 
 from saec.artifacts.hashing import sha256_file
 from saec.datasets.images import BadImage, ImageInfo, probe_image
+from saec.errors import ActionableError
 
 
-class LayoutError(ValueError):
+class LayoutError(ActionableError, ValueError):
     """The folder does not have the layout the reader expects; the message says what to fix."""
 
 

@@ -11,9 +11,10 @@ from prefect.futures import PrefectFuture
 
 from saec.artifacts.store import RunFolder, StageResult
 from saec.tasks.stage import stage_of
+from saec.errors import ActionableError
 
 
-class InjectedFailure(RuntimeError):
+class InjectedFailure(ActionableError, RuntimeError):
     """A failure asked for by `faults.fail_before`, to exercise resuming."""
 
 

@@ -35,11 +35,12 @@ from saec.tasks.data import leakage_task  # noqa: E402
 from saec.tasks.drift import DriftConfig, compare_metrics, drift_findings, drift_markdown  # noqa: E402
 from saec.tasks.edge.task import train_edge_task  # noqa: E402
 from saec.tasks.stage import stage_of  # noqa: E402
+from saec.errors import ActionableError  # noqa: E402
 
 MODEL_TASKS: tuple[Task, ...] = (train_edge_task, tiny_vlm_task, train_cloud, tiny_llava_task)
 
 
-class ModelsNotTrained(RuntimeError):
+class ModelsNotTrained(ActionableError, RuntimeError):
     """A re-evaluation needs a model that the source pipeline run did not use."""
 
 

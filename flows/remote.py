@@ -47,13 +47,14 @@ from saec.flows.pipeline import pipeline_flow  # noqa: E402
 from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
 from saec.tasks.edge.task import predict_edge_task, train_edge_task  # noqa: E402
 from saec.tasks.stage import stage_of  # noqa: E402
+from saec.errors import ActionableError  # noqa: E402
 
 EDGE_TASKS: tuple[Task, ...] = (train_edge_task, predict_edge_task)
 CLOUD_TASKS: tuple[Task, ...] = (tiny_vlm_task, tiny_llava_task, train_cloud, score_cloud)
 STAGE_TASKS: dict[str, Task] = {t.name: t for t in (*EDGE_TASKS, *CLOUD_TASKS)}
 
 
-class RemoteStageError(RuntimeError):
+class RemoteStageError(ActionableError, RuntimeError):
     """A dispatched stage did not complete, or its outputs are not visible to the parent."""
 
 

@@ -1,6 +1,7 @@
 """The `saec` command line: everything the flows do, from one entry point."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,25 @@ def _start(cfg) -> None:
 
     Store(cfg.store.root).check_writable()
     start_prefect_api()
+    _quiet_actionable_tracebacks()
+
+
+class _NoTraceback(logging.Filter):
+    """Log an actionable error's message, not its traceback (Prefect logs every failed run's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from saec.errors import ActionableError
+
+        if record.exc_info and isinstance(record.exc_info[1], ActionableError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_actionable_tracebacks() -> None:
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
 
 
 def _stage_table(run_record: dict) -> Table:
@@ -249,7 +269,7 @@ def deploy_cmd(ctx: typer.Context) -> None:
 def main() -> None:
     import errno
 
-    from saec.artifacts.store import StoreError
+    from saec.errors import ActionableError
 
     configure_offline()
     try:
@@ -262,15 +282,15 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except StoreError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    except ActionableError as exc:
+        console.print(f"[red]error:[/red] {' '.join(str(exc).split())}", soft_wrap=True, highlight=False)
         sys.exit(1)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         what = "no space left on the device" if exc.errno != errno.EROFS else "read-only file system"
         console.print(f"[red]error:[/red] {what} writing {exc.filename or 'a file'}: free space or make it writable, "
-                      "or set store.root to a writable folder with room", soft_wrap=True)  # fmt: skip
+                      "or set store.root to a writable folder with room", soft_wrap=True, highlight=False)  # fmt: skip
         sys.exit(1)
 
 

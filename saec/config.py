@@ -20,6 +20,7 @@ from saec.tasks.edge.config import EdgeConfig
 from saec.tasks.routing import RoutingConfig
 from saec.tasks.sft import SFTConfig
 from saec.tasks.telemetry import TelemetryConfig
+from saec.errors import ActionableError
 
 SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 
@@ -37,7 +38,7 @@ EMBEDDED_SYNTHETIC = dict(
 EMBEDDED_CLOUD_THR = 0.5
 
 
-class ConfigError(ValueError):
+class ConfigError(ActionableError, ValueError):
     """The configuration is wrong; the message names the field and what to do."""
 
 

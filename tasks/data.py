@@ -22,11 +22,12 @@ from saec.datasets.images import DEFAULT_MAX_PIXELS
 from saec.datasets.ksdd2 import read_ksdd2
 from saec.datasets.mvtec import read_mvtec
 from saec.tasks.stage import Built, DatasetRef, stage
+from saec.errors import ActionableError
 
 MANIFEST_COLS = ["image_id", "path", "source_path", "label", "category", "defect_type", "split", "width", "height", "mode"]
 
 
-class LeakageError(RuntimeError):
+class LeakageError(ActionableError, RuntimeError):
     """An evaluation image is also a training image."""
 
 

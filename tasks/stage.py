@@ -38,30 +38,14 @@ from pydantic import BaseModel
 
 from saec.artifacts.code import code_identity
 from saec.artifacts.hashing import hash_obj
-from saec.artifacts.store import StageResult, Store
+from saec.artifacts.store import DatasetRef, ModelRef, StageResult, Store
 
 Built = tuple[dict[str, Path], dict[str, Any]]
+__all__ = ["Built", "DatasetRef", "ModelRef", "STAGES", "Stage", "keyable", "stage", "stage_of"]
 
 # Libraries whose version can change what a stage computes; every key holds their versions.
 LIBRARIES = ("numpy", "pandas", "pyarrow", "pillow", "opencv-python", "opencv-python-headless", "torch", "torchvision",
              "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "ultralytics", "onnx", "onnxruntime")  # fmt: skip
-
-
-class ModelRef(BaseModel):
-    """A model folder (or weights file) and its content hash."""
-
-    kind: str
-    path: str
-    sha256: str
-
-
-class DatasetRef(BaseModel):
-    """A source dataset folder and the content hash of everything in it."""
-
-    kind: str
-    path: str
-    sha256: str
-    files: int
 
 
 def keyable(value: Any) -> Any:

@@ -11,7 +11,6 @@ from PIL import Image
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="saec-tests-"))
 os.environ.setdefault("SAEC_HOME", str(_SESSION_TMP / "home"))
-os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect-results")
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
 
 from saec.env import configure_offline  # noqa: E402

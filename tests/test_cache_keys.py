@@ -38,13 +38,26 @@ EXPECTED = {
 }
 
 CODES = """
-import json
+import json, sys
+from pathlib import Path
 from saec.env import configure_offline
 configure_offline()
 import saec.tasks.stage, saec.flows.pipeline  # declares every stage
-from saec.tasks.stage import STAGES
+from saec.artifacts.code import code_identity
+from saec.artifacts.hashing import hash_obj
+from saec.tasks.stage import STAGES, library_versions
 assert saec.tasks.stage.__file__.startswith({src!r}), saec.tasks.stage.__file__
-print(json.dumps({{name: s.code for name, s in STAGES.items()}}))
+
+def codes():  # as Stage.code computes it, afresh
+    return {{n: hash_obj({{"code": code_identity(s.fn), "libraries": library_versions()}})[:16] for n, s in STAGES.items()}}
+
+out = {{"": codes()}}
+for path, text in json.loads(Path(sys.argv[1]).read_text()).items():  # one edit at a time
+    original = Path(path).read_text()
+    Path(path).write_text(text)
+    out[path] = codes()
+    Path(path).write_text(original)
+print(json.dumps(out))
 """
 
 
@@ -67,8 +80,11 @@ def _env(src: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def stage_codes(src: Path) -> dict[str, str]:
-    done = subprocess.run([sys.executable, "-c", CODES.format(src=str(src))], env=_env(src), capture_output=True,
+def stage_codes(src: Path, edits: dict[Path, str] | None = None) -> dict[str, dict[str, str]]:
+    """Every stage's code version in a fresh interpreter that imports `src`: {"": as is, file: with that edit}."""
+    plan = src.parent / "edits.json"
+    plan.write_text(json.dumps({str(k): v for k, v in (edits or {}).items()}))
+    done = subprocess.run([sys.executable, "-c", CODES.format(src=str(src)), str(plan)], env=_env(src), capture_output=True,
                           text=True, timeout=300, cwd=src)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,32 +120,27 @@ def body_edit(text: str) -> str:
     return "".join(lines)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    src = copy_project(tmp_path_factory.mktemp("project"))
-    return src, stage_codes(src)
-
-
-def test_comments_docstrings_and_blank_lines_change_no_key(project, tmp_path):
-    src, before = project
-    edited = copy_project(tmp_path)
+def test_comments_docstrings_and_blank_lines_change_no_key(tmp_path):
+    src = copy_project(tmp_path / "as-is")
+    before = stage_codes(src)[""]
+    edited = copy_project(tmp_path / "edited")
     modules = sorted(edited.rglob("*.py"))
     assert len(modules) > 40
     for path in modules:
         path.write_text(cosmetic_edit(path.read_text()))
     ast.parse(_file(edited, "tasks/stage.py").read_text())  # the edits keep every module valid
-    assert stage_codes(edited) == before
+    assert stage_codes(edited)[""] == before
 
 
-@pytest.mark.parametrize("module", sorted(EXPECTED))
-def test_a_body_edit_changes_exactly_the_keys_of_the_stages_that_run_it(project, tmp_path, module):
-    src, before = project
-    edited = copy_project(tmp_path)
-    path = _file(edited, module)
-    path.write_text(body_edit(path.read_text()))
-    after = stage_codes(edited)
-    assert set(after) == set(before)
-    assert {name for name in before if after[name] != before[name]} == EXPECTED[module]
+def test_a_body_edit_changes_exactly_the_keys_of_the_stages_that_run_it(tmp_path):
+    src = copy_project(tmp_path)
+    edits = {_file(src, module): body_edit(_file(src, module).read_text()) for module in EXPECTED}
+    codes = stage_codes(src, edits)
+    before = codes[""]
+    for module, expected in EXPECTED.items():
+        after = codes[str(_file(src, module))]
+        assert set(after) == set(before)
+        assert {name for name in before if after[name] != before[name]} == expected, module
 
 
 PREPARE = [*SMALL_PIPELINE[:6]]

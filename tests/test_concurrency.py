@@ -7,9 +7,9 @@ inside them made relative to their store).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from conftest import SMALL_PIPELINE
+from saec.artifacts.schemas import MEASURED_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREPARE = SMALL_PIPELINE[:6]  # the small synthetic draw
 RUN = [*SMALL_PIPELINE, "evaluate.systems=[saec]"]
 PATH_COLUMNS = ("path", "source_path", "mask_path")
+IDENTITIES = ("model_id", "adapter_id")  # hashes of model folders, whose records name where they lie
 MAX_PROCESSES = 8  # processes alive at once (each starts a Prefect server of its own)
 
 
@@ -58,21 +60,51 @@ def _finish(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 900) ->
         assert rc == 0, f"{log} (exit {rc}):\n{log.read_text()[-4000:]}"
 
 
-def _tables(store: Path) -> dict[str, str]:
-    """Content hash of every table the store's stage outputs hold, paths made relative to the store."""
-    out = {}
-    for path in sorted(store.glob("stages/*/*/*.parquet")):
-        if path.name == "telemetry.parquet":
-            continue
-        df = pd.read_parquet(path)
-        df = df.drop(columns=[c for c in ("batch_index", "batch_size", "batch_seconds", "wait_seconds") if c in df])
-        for col in PATH_COLUMNS:  # a path names its store, and the stage folder's key (which sees the store's path)
-            if col in df:
-                df[col] = df[col].str.replace(str(store), "<store>", regex=False)
-                df[col] = df[col].str.replace(r"/stages/([^/]+)/[0-9a-f]{24}/", r"/stages/\1/<key>/", regex=True)
-        name = f"{path.parent.parent.name}/{path.name}"
-        out[name] = hashlib.sha256(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()
-    return out
+# how a run went, not what it computed (in concurrent runs each process may execute part of SAEC)
+MEASURED = (*{c for cols in MEASURED_COLUMNS.values() for c in cols}, "wall_s", "serial_s", "measured", "gpu_util_avg",
+            "gpu_power_avg_w", "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_avg_gb",
+            "cpu_percent_avg")  # fmt: skip
+
+
+def _tables(store: Path) -> list[dict[str, pd.DataFrame]]:
+    """Per run record of the store: every table the run used (`<stage>:<output>`), normalised.
+
+    Paths are made relative to the store (and to the key of the stage folder, which sees the
+    store's path), and what records how the run went rather than what it computed is left out.
+    """
+    runs = []
+    for record in sorted(store.glob("runs/*/run.json")):
+        out = {}
+        for stage, st in json.loads(record.read_text())["stages"].items():
+            for name, ref in st["outputs"].items():
+                if not ref["path"].endswith(".parquet") or name == "telemetry":
+                    continue
+                df = pd.read_parquet(ref["path"])
+                df = df.drop(columns=[c for c in (*MEASURED, *IDENTITIES) if c in df])
+                for col in PATH_COLUMNS:
+                    if col in df:
+                        df[col] = df[col].str.replace(str(store), "<store>", regex=False)
+                        df[col] = df[col].str.replace(r"/stages/([^/]+)/[0-9a-f]{24}/", r"/stages/\1/<key>/", regex=True)
+                out[f"{stage}:{name}"] = df
+        runs.append(out)
+    assert runs, f"no run in {store}"
+    return runs
+
+
+def _assert_same(got: dict[str, pd.DataFrame], expected: dict[str, pd.DataFrame], what: str) -> None:
+    """Equal tables: everything exactly, but floating-point values (model scores, losses) to 1e-4.
+
+    Training the tiny cloud model in float32 on the CPU is not bit-reproducible between processes
+    on a loaded machine (adapter weights 1.6e-6 apart and P(defect) 5e-7 apart were seen between
+    rounds of the test below); that is not what the store is tested for. Verdicts compare exactly.
+    """
+    assert got.keys() == expected.keys(), what
+    for name, df in expected.items():
+        other = got[name]
+        floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
+        exact = [c for c in df.columns if c not in floats]
+        pd.testing.assert_frame_equal(other[exact], df[exact], obj=f"{what}: {name}")
+        pd.testing.assert_frame_equal(other[floats], df[floats], check_exact=False, atol=1e-4, rtol=0, obj=f"{what}: {name}")
 
 
 def _no_leftovers(store: Path) -> None:
@@ -114,8 +146,8 @@ def test_a_run_writes_only_into_its_store_and_the_documented_caches(reference):
 
 
 def test_ten_rounds_of_two_and_of_three_concurrent_prepares_on_a_fresh_store(reference, tmp_path):
-    expected = {k: v for k, v in _tables(reference / "store").items()
-                if k.split("/")[0] in ("scan_mvtec", "scan_ksdd2", "sft", "holdout", "ksdd2_1to1")}  # fmt: skip
+    (run,) = _tables(reference / "store")
+    expected = {k: v for k, v in run.items() if k.split(":")[0] in ("scan_mvtec", "scan_ksdd2", "sft", "holdout", "ksdd2_1to1")}
     rounds = [(n, i) for n in (2, 3) for i in range(10)]
     pending = list(rounds)
     while pending:
@@ -133,11 +165,14 @@ def test_ten_rounds_of_two_and_of_three_concurrent_prepares_on_a_fresh_store(ref
     for n, i in rounds:
         store = tmp_path / f"r{n}-{i}" / "store"
         _no_leftovers(store)
-        assert _tables(store) == expected, f"round {n}-{i}"
+        runs = _tables(store)
+        assert len(runs) == n
+        for k, got in enumerate(runs):
+            _assert_same(got, expected, f"round {n}-{i}, run {k}")
 
 
 def test_three_rounds_of_two_concurrent_runs_equal_the_serial_run(reference, tmp_path):
-    expected = _tables(reference / "store")
+    (expected,) = _tables(reference / "store")
     procs = []
     for i in range(3):
         d = tmp_path / f"r{i}"
@@ -147,10 +182,11 @@ def test_three_rounds_of_two_concurrent_runs_equal_the_serial_run(reference, tmp
     for i in range(3):
         store = tmp_path / f"r{i}" / "store"
         _no_leftovers(store)
-        got = _tables(store)
-        assert got.keys() == expected.keys()
-        decisions = [k for k in got if k.startswith(("merge/", "report/decisions"))]
-        assert decisions and {k: got[k] for k in decisions} == {k: expected[k] for k in decisions}
+        runs = _tables(store)
+        assert len(runs) == 2
+        for k, got in enumerate(runs):
+            assert "mvtec_holdout/merge:decisions" in got and "mvtec_holdout/report:decisions" in got
+            _assert_same(got, expected, f"round {i}, run {k}")
 
 
 def test_a_killed_build_leaves_nothing_a_later_run_trips_on(tmp_path):
@@ -181,21 +217,22 @@ def test_a_full_disk_and_a_read_only_store_end_in_one_line_that_says_what_to_do(
     store, home = tmp_path / "store", tmp_path / "home"
     store.mkdir()
     args = [a for item in [*PREPARE, f"store.root={store}"] for a in ("--set", item)]
-    cli = " ".join([sys.executable, "-m", "saec.cli", "prepare", *args])
+    cli = shlex.join([sys.executable, "-m", "saec.cli", "prepare", *args])
     # a store on a 2 MB file system: it fills up while the data is written
     full = _in_namespace(f'mount -t tmpfs -o size=2m tmpfs "$0" && cd {ROOT} && {cli}', store)
     if full is None:
         pytest.skip("no mount namespace here: cannot make a small or read-only file system")
-    done = subprocess.run(full, env=_env(home), capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    done = subprocess.run(full, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     assert done.returncode == 1, lines[-20:]
+    assert not any(ln.startswith("Traceback") for ln in lines), lines  # Prefect logs the failure without one
     assert lines[-1].startswith("error:") and "no space left" in lines[-1] and "store.root" in lines[-1], lines[-5:]
     # a complete store, then mounted read-only: even an all-cached run stops at once
     prepared = _start("prepare", PREPARE, store, home, tmp_path / "ok.log")
     _finish([(prepared, tmp_path / "ok.log")])
     ro = _in_namespace(f'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && cd {ROOT} && {cli}', store)
-    done = subprocess.run(ro, env=_env(home), capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    done = subprocess.run(ro, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     assert done.returncode == 1 and len(lines) == 1, lines[-20:]
     assert lines[0].startswith("error:") and "not writable" in lines[0] and "store.root" in lines[0]
     shutil.rmtree(store, ignore_errors=True)

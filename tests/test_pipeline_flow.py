@@ -1,8 +1,9 @@
 """The whole pipeline under a real Prefect engine, on a small embedded default.
 
 Checks what a user relies on: every system reported with its tables and figure, Prefect
-artifacts under stable keys, a second run served from cache, and a threshold change
-re-running only the stages that depend on it.
+artifacts under stable keys, a second run (through the deployed entry point) served from the
+store with the first run's measurement, a threshold change re-running only the stages that
+depend on it, and a re-evaluation after a change to the training code.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _states(out) -> dict[str, str]:
     return {name: st["state"] for name, st in out["run"].record["stages"].items()}
 
 
-def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_touches(prefect_server, tmp_path):
+def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_touches(prefect_server, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -88,22 +89,18 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
         assert pd.isna(saec4.wall_s) and saec4.measured.startswith("not measured: only")
 
 
-def test_reevaluation_after_a_change_to_the_training_code_uses_the_source_runs_models(prefect_server, tmp_path, monkeypatch):
-    from saec.flows.pipeline import pipeline_flow
+    # a re-evaluation after an edit to the training code (other cache keys for the training
+    # stages) evaluates the models the source run used, found from its record
     from saec.flows.reevaluate import reevaluate_flow
     from saec.tasks.drift import DriftConfig
     from saec.tasks.stage import STAGES
 
-    cfg = load_config(None, [*SMALL, "evaluate.systems=[saec, cloud_only]", f"store.root={tmp_path / 'store'}"])
-    source = pipeline_flow(cfg)["run"]
-    for name in ("train-cloud", "train-edge"):  # as after an edit to the training code: other cache keys
+    for name in ("train-cloud", "train-edge"):
         monkeypatch.setitem(STAGES[name].__dict__, "code", "edited-training-code")
-    out = reevaluate_flow(cfg, DriftConfig(), None, "test")
+    out = reevaluate_flow(load_config(None, base), DriftConfig(), fourth["run"].run_id, "test")
     rec = out["run"].record
-    assert rec["status"] == "completed" and rec["models_from"] == source.run_id
+    assert rec["status"] == "completed" and rec["models_from"] == fourth["run"].run_id
     for stage in ("train_cloud", "train_edge", "sft"):
-        assert rec["stages"][stage]["dir"] == source.record["stages"][stage]["dir"]
-        assert rec["stages"][stage]["state"] == "cached"
-    assert rec["models_code"]["train_cloud"] == source.record["stages"]["train_cloud"]["code"] != "edited-training-code"
-    assert set(rec["stages"][k]["state"] for k in rec["stages"]) == {"cached"}  # nothing else changed either
-    assert rec["code_version"]
+        assert rec["stages"][stage]["dir"] == first["run"].record["stages"][stage]["dir"]
+    assert rec["models_code"]["train_cloud"] == first["run"].record["stages"]["train_cloud"]["code"] != "edited-training-code"
+    assert set(st["state"] for st in rec["stages"].values()) == {"cached"} and rec["code_version"]

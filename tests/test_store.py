@@ -66,10 +66,10 @@ def test_stage_folder_appears_only_when_complete(tmp_path):
 
     result = store.build_stage("demo", "k1", ok)
     assert result.outputs["q"].rows == 1 and result.table("q").reason.tolist() == ["empty_file"]
-    again = store.load_stage("demo", "k1")
+    again = store.lookup("demo", "k1")
     assert again.outputs == result.outputs and again.digest() == result.digest()
     (store.stage_dir("demo", "k1") / "q.parquet").unlink()
-    assert store.load_stage("demo", "k1") is None  # an output with missing files is not an output
+    assert store.lookup("demo", "k1") is None  # an output with missing files is not an output
 
 
 def test_runs_are_listed(tmp_path):
@@ -97,7 +97,7 @@ def test_stage_info_names_the_published_folder_not_the_build_folder(tmp_path):
     assert result.info["table"] == str(final / "q.parquet") and Path(result.info["table"]).is_file()
     assert result.info["nested"] == [{"dir": str(final)}] and result.info["rows"] == 1
     assert json.loads((final / "summary.json").read_text()) == {"table": str(final / "q.parquet")}
-    assert store.load_stage("demo", "k2").info == result.info
+    assert store.lookup("demo", "k2").info == result.info
     # files below the top level are left as written (an adapter's identity hash covers them)
     assert ".building-" in json.loads((final / "sub" / "record.json").read_text())["here"]
 

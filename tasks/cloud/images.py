@@ -10,8 +10,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from saec.errors import ActionableError
 
-class UnreadableImageError(RuntimeError):
+
+class UnreadableImageError(ActionableError, RuntimeError):
     """An image file cannot be decoded; the message names the file."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -16,12 +16,13 @@ from typing import Any
 
 from saec.artifacts.hashing import canonical_json, hash_tree, sha256_file, sha256_text
 from saec.tasks.cloud.config import Family, ModelLoadConfig
+from saec.errors import ActionableError
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "llava")
 ADAPTER_RECORD = "saec_adapter.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ActionableError, RuntimeError):
     """A model or adapter cannot be loaded; the message says which file or setting is at fault."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from saec.errors import ActionableError
 from saec.artifacts.hashing import hash_obj, sha256_file
 from saec.prompts import answer
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig
@@ -55,11 +56,11 @@ LOG_NAME = "train_log.parquet"
 _RESUME_FREE = {"progress", "checkpoint_every", "keep_checkpoints", "preprocess_workers", "eval_batch_size"}
 
 
-class SFTDataError(ValueError):
+class SFTDataError(ActionableError, ValueError):
     """An SFT file is malformed; the message names the file and line."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ActionableError, RuntimeError):
     """A checkpoint in work_dir belongs to a different configuration or data set."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from saec.artifacts.hashing import hash_obj, sha256_file
 from saec.artifacts.store import atomic_path, write_bytes_atomic, write_json_atomic
 from saec.tasks.edge.config import EdgeConfig, find_model_yaml
+from saec.errors import ActionableError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ SAVED_WEIGHTS = "model.safetensors"
 SAVE_RTOL = 1e-6  # max |logit difference| / max(1, max |logit|) between a saved model and the module it came from
 
 
-class EdgeModelError(RuntimeError):
+class EdgeModelError(ActionableError, RuntimeError):
     """The edge model cannot be loaded, exported or run as configured."""
 
 
