@@ -536,11 +536,26 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: Path) -> "RunFolder | None":
+        """The run recorded in `path`; None if it holds no record; a run marked `damaged` if the record is broken."""
         try:
-            record = json.loads((path / RUN_RECORD).read_text())
-        except (OSError, ValueError):
+            text = (path / RUN_RECORD).read_text(encoding="utf-8")
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:
+            return cls._damaged(path, f"{RUN_RECORD} cannot be read: {exc}")
+        try:
+            record = json.loads(text)
+            missing = [k for k in ("run_id", "flow", "stages") if k not in record]
+        except (ValueError, TypeError) as exc:
+            return cls._damaged(path, f"{RUN_RECORD} is not valid JSON: {exc}")
+        if missing or not isinstance(record.get("stages"), dict):
+            return cls._damaged(path, f"{RUN_RECORD} lacks {missing or ['a stages mapping']}")
         return cls(path, record["run_id"], record["flow"], record)
+
+    @classmethod
+    def _damaged(cls, path: Path, why: str) -> "RunFolder":
+        record = {"run_id": path.name, "flow": "?", "stages": {}, "status": "damaged", "error": why}
+        return cls(path, path.name, "?", record)
 
     def add_stage(self, result: StageResult, state: str, name: str | None = None) -> None:
         self.record["stages"][name or result.stage] = {

@@ -45,7 +45,14 @@ def is_image_name(path: Path) -> bool:
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        broken = path.is_symlink()
+        raise BadImage(path, "broken_link" if broken else "missing_file",
+                       "a link to a file that does not exist" if broken else "the file does not exist") from None
+    except OSError as exc:
+        raise BadImage(path, "unreadable", exc.strerror or str(exc)) from None
     if size == 0:
         raise BadImage(path, "empty_file", "the file has zero bytes; re-copy it from the source")
     try:
@@ -63,7 +70,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise BadImage(
             path,
             "too_large",
-            f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels (data.max_pixels)",
+            f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels (scan.max_pixels)",
         )
     return img
 
@@ -128,6 +135,28 @@ def load_image(path: str | Path, mode: str = "RGB", max_pixels: int = DEFAULT_MA
     return out if out.mode == mode else out.convert(mode)
 
 
+def mask_array(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A ground-truth mask as booleans (H, W): a pixel is a defect if any of its channels is non-zero.
+
+    Masks are saved grey, colour or with a palette; a faint colour such as (1, 0, 0) still marks
+    a defect (converted to grey it would round to 0). Raises BadImage for a mask that cannot be read.
+    """
+    path = Path(path)
+    img = _open(path, max_pixels)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        img.close()
+        raise BadImage(path, "truncated_or_corrupt", str(exc)) from None
+    if img.mode in ("1", "L", "RGB", "I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img)  # the stored values themselves: a 16-bit mask of 1s is a mask
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        arr = np.asarray(img.convert("LA" if img.mode == "LA" else "RGBA"))[..., :-1]  # colour, not alpha
+    else:
+        arr = np.asarray(img.convert("RGB"))  # palette, CMYK, YCbCr, ...: by colour
+    return arr.any(axis=2) if arr.ndim == 3 else arr != 0
+
+
 MAX_BOXES = 8  # a mask's regions beyond this many: the largest are kept
 
 
@@ -140,9 +169,9 @@ def mask_boxes(mask_path: str | Path) -> tuple[list[list[int]], int, int]:
     """
     import cv2
 
-    mask = np.asarray(load_image(mask_path, "L"))
+    mask = mask_array(mask_path)
     h, w = mask.shape
-    n, _labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     regions = [stats[i] for i in range(1, n)]  # x, y, width, height, area
     if any(r[4] >= 4 for r in regions):
         regions = [r for r in regions if r[4] >= 4]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saec.datasets.images import DEFAULT_MAX_PIXELS, is_image_name
-from saec.datasets.scan import Candidate, LayoutError, Quarantine, ScanResult, list_dir, probe_candidates
+from saec.datasets.scan import Candidate, LayoutError, Quarantine, ScanResult, ambiguous, list_dir, probe_candidates
 
 LAYOUT = (
     "<root>/<category>/train/good/, <root>/<category>/test/good/, <root>/<category>/test/<defect_type>/ "
@@ -35,7 +35,7 @@ def _find_child(folder: Path, name: str) -> Path | None:
 
 
 def _images_in(folder: Path, q: Quarantine) -> list[Path]:
-    dirs, files = list_dir(folder)
+    dirs, files = list_dir(folder, q)
     out = []
     for f in files:
         if is_image_name(f) and not f.name.startswith("."):
@@ -57,7 +57,7 @@ def read_mvtec(
     cands: list[Candidate] = []
     notes = {"empty_class_folders": 0}
     categories = []
-    sub_dirs, root_files = list_dir(root)
+    sub_dirs, root_files = list_dir(root, q)
     for f in root_files:
         if is_image_name(f):
             q.add(f, "image", "outside_layout", "an image directly under the root belongs to no category")
@@ -73,7 +73,7 @@ def read_mvtec(
         categories.append(cat_dir.name)
         cat = cat_dir.name
         # train: only good images
-        train_classes, train_files = list_dir(train)
+        train_classes, train_files = list_dir(train, q)
         for f in train_files:
             q.add(f, "image", "outside_layout", "files directly under train/ belong to no class; move them to train/good/")
         train_good = _find_child(train, GOOD)
@@ -87,7 +87,7 @@ def read_mvtec(
                     f"move defect images under test/<defect_type>/"
                 )
         # test: good and defect types
-        test_classes, test_files = list_dir(test)
+        test_classes, test_files = list_dir(test, q)
         for f in test_files:
             q.add(f, "image", "outside_layout", "files directly under test/ belong to no class")
         if _find_child(test, GOOD) is None:
@@ -95,16 +95,22 @@ def read_mvtec(
         gt = _find_child(cat_dir, "ground_truth")
         masks: dict[tuple[str, str], Path] = {}
         if gt is not None:
-            gt_dirs, gt_files = list_dir(gt)
+            gt_dirs, gt_files = list_dir(gt, q)
             for f in gt_files:
                 q.add(f, "mask", "outside_layout", "files directly under ground_truth/ belong to no defect type")
             for d in gt_dirs:
+                named = []
                 for m in _images_in(d, q):
-                    stem = m.stem[: -len("_mask")] if m.stem.endswith("_mask") else None
-                    if stem is None:
+                    if not m.stem.endswith("_mask"):
                         q.add(m, "mask", "misnamed_mask", f"expected <image name>_mask{m.suffix}")
                         continue
-                    masks[(d.name, stem)] = m
+                    named.append(m)
+                unique, clashes = ambiguous(named, lambda m: m.stem[: -len("_mask")])
+                for group in clashes:  # 000_mask.png and 000_mask.bmp: which one is the mask?
+                    for m in group:
+                        others = ", ".join(o.name for o in group if o != m)
+                        q.add(m, "mask", "ambiguous_stem", f"{d.name}/{m.name} and {others} are masks of one image; keep one")
+                masks.update({(d.name, stem): m for stem, m in unique.items()})
         used_masks: set[Path] = set()
         for split_dir, classes in ((train, [train_good]), (test, test_classes)):
             for cls_dir in classes:
@@ -114,9 +120,19 @@ def read_mvtec(
                     q.add(cls_dir, "folder", "empty_class_folder", "holds no image files")
                     continue
                 is_good = cls_dir.name == GOOD
+                stems: dict[str, list[Path]] = {}
+                for f in files:
+                    stems.setdefault(f.stem, []).append(f)
                 for f in files:
                     mask = None if is_good else masks.get((cls_dir.name, f.stem))
-                    if mask is not None:
+                    if mask is not None and len(stems[f.stem]) > 1:  # 000.png and 000.bmp share 000_mask.png
+                        others = ", ".join(o.name for o in stems[f.stem] if o != f)
+                        if mask not in used_masks:
+                            q.add(mask, "mask", "ambiguous_stem", f"it would be the mask of {f.name} and of {others}; "
+                                                                  "rename the images or the mask")  # fmt: skip
+                        used_masks.add(mask)
+                        mask = None
+                    elif mask is not None:
                         used_masks.add(mask)
                     cands.append(
                         Candidate(
@@ -127,7 +143,7 @@ def read_mvtec(
                             defect_type=cls_dir.name,
                             split=split_dir.name,
                             root=root,
-                            mask_path=str(mask.resolve()) if mask is not None else None,
+                            mask_path=str(mask) if mask is not None else None,
                         )
                     )
         for m in sorted(set(masks.values()) - used_masks):
@@ -135,7 +151,9 @@ def read_mvtec(
     if not categories:
         found = ", ".join(d.name for d in sub_dirs) or "nothing"
         raise LayoutError(f"no MVTec AD category under {root} (found: {found}); expected {LAYOUT}")
-    images = probe_candidates(cands, "mvtec_ad", q, max_pixels, workers=workers, progress=progress)
+    notes["defect_with_empty_mask"] = 0
+    images = probe_candidates(cands, "mvtec_ad", q, max_pixels, workers=workers, progress=progress, check_masks=True,
+                              notes=notes)  # fmt: skip
     notes["categories"] = len(categories)
     notes["defect_without_mask"] = int(((images.label == 1) & images.mask_path.isna()).sum())
     return ScanResult(images=images, quarantine=q.frame(), notes=notes)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from prefect import Task

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,16 @@ from rich.table import Table
 from saec.env import configure_offline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SAEC: scene-aware edge-cloud visual inspection.")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show the traceback of every error")] = False) -> None:
+    if debug:
+        os.environ["SAEC_DEBUG"] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get("SAEC_DEBUG", "").lower() in {"1", "true", "yes", "on"}
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of config sections")]
@@ -38,18 +50,37 @@ def _start(cfg) -> None:
 
     Store(cfg.store.root).check_writable()
     start_prefect_api()
-    _quiet_actionable_tracebacks()
+    if not _debug():
+        _quiet_actionable_tracebacks()
 
 
 class _NoTraceback(logging.Filter):
-    """Log an actionable error's message, not its traceback (Prefect logs every failed run's)."""
+    """Leave an actionable error to the command's own one-line message.
+
+    Prefect logs every failed task and flow run, with the traceback; for an error whose
+    message says what to do, those lines only bury it. Other failures are logged as before.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         from saec.errors import ActionableError
 
         if record.exc_info and isinstance(record.exc_info[1], ActionableError):
-            record.exc_info, record.exc_text = None, None
+            return False
+        if record.levelno >= logging.ERROR:
+            found = re.search(r"exception:? (\w+)[:(]", record.getMessage())
+            return not (found and found.group(1) in _actionable_names())
         return True
+
+
+def _actionable_names() -> set[str]:
+    from saec.errors import ActionableError
+
+    names, todo = set(), [ActionableError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 def _quiet_actionable_tracebacks() -> None:
@@ -283,10 +314,12 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except ActionableError as exc:
+        if _debug():
+            raise
         console.print(f"[red]error:[/red] {' '.join(str(exc).split())}", soft_wrap=True, highlight=False)
         sys.exit(1)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or _debug():
             raise
         what = "no space left on the device" if exc.errno != errno.EROFS else "read-only file system"
         console.print(f"[red]error:[/red] {what} writing {exc.filename or 'a file'}: free space or make it writable, "

@@ -6,11 +6,12 @@ values, and the embedded synthetic data), then a YAML file (`--config`), then
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from saec.datasets.synthetic import SyntheticConfig
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
@@ -112,12 +113,79 @@ class CloudConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "CloudConfig":
-        self.train_config("model")  # every override is validated here, before any work starts
-        self.score_config("model")
-        self.score_config("model", baseline=True)
-        if self.adapter is not None and not Path(self.adapter).expanduser().is_dir():
-            raise ValueError(f"cloud.adapter={self.adapter} is not an existing folder")
+        errors = self.section_errors()  # every override is validated here, before any work starts
+        if errors:
+            raise ValueError("; ".join(errors))
+        for name in ("model", "llava_model"):
+            problem = model_folder_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"cloud.{name}={getattr(self, name)} {problem}")
+        problem = adapter_folder_problem(self.adapter)
+        if problem:
+            raise ValueError(f"cloud.adapter={self.adapter} {problem}")
         return self
+
+    def section_errors(self) -> list[str]:
+        """What is wrong in `train`, `score` and `baseline_score`, each named by its full path."""
+        errors: list[str] = []
+        for section, build in (("train", lambda: self.train_config("model")),
+                               ("score", lambda: self.score_config("model")),
+                               ("baseline_score", lambda: self.score_config("model", baseline=True))):  # fmt: skip
+            if errors and self.embedded:
+                break  # the embedded model's scoring settings derive from its training recipe
+            try:
+                build()
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = ".".join(str(p) for p in err["loc"])
+                    errors.append(f"cloud.{section}.{loc}: {err['msg']}" if loc else f"cloud.{section}: {err['msg']}")
+        return errors
+
+
+def model_folder_problem(model: str | None) -> str | None:
+    """Why `model` (a Hugging Face folder, or a hub id) cannot be loaded, or None.
+
+    A folder needs config.json and its safetensors weights; a hub id (org/name) is looked up
+    in the local Hugging Face cache when the model loads, as nothing is downloaded.
+    """
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if not path.exists():
+        if not str(model).startswith(("/", ".", "~")) and str(model).count("/") == 1:
+            return None  # a hub id
+        return "does not exist: give a local model folder (config.json and *.safetensors)"
+    if not path.is_dir():
+        return "is a file: give the model's folder"
+    if not (path / "config.json").is_file():
+        return "has no config.json: it is not a Hugging Face model folder"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"has an unreadable {index.name}"
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            return f"lacks {len(missing)} of the {len(shards)} weight shards its index lists (e.g. {missing[0]})"
+        return None
+    if not any(path.glob("*.safetensors")):
+        return "holds no *.safetensors weights (only safetensors checkpoints are loaded)"
+    return None
+
+
+def adapter_folder_problem(adapter: str | None) -> str | None:
+    """Why `adapter` is not a PEFT adapter folder, or None."""
+    if adapter is None:
+        return None
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        return "is not an existing folder"
+    if not (path / "adapter_config.json").is_file():
+        return "has no adapter_config.json: it is not a PEFT adapter folder"
+    if not any(path.glob("*.safetensors")):
+        return "holds no *.safetensors adapter weights"
+    return None
 
 
 class EvaluateConfig(BaseModel):
@@ -130,11 +198,33 @@ class EvaluateConfig(BaseModel):
     )
 
 
+# Where a fault can be injected: the stage task names, and the names stages have in run records.
+FAULT_POINTS = frozenset({
+    "synthesize-data", "scan-mvtec", "scan-ksdd2", "build-sft", "build-holdout", "build-ksdd2-1to1", "train-edge",
+    "build-tiny-vlm", "build-tiny-llava", "train-cloud", "predict-edge", "complexity", "route-by-complexity",
+    "route-by-confidence", "score-cloud", "merge-decisions", "report",
+    "synthetic", "scan_mvtec", "scan_ksdd2", "sft", "holdout", "ksdd2_1to1", "train_edge", "tiny_vlm", "tiny_llava",
+    "train_cloud",
+    *(f"{dataset}/{part}" for dataset in ("mvtec_holdout", "ksdd2_1to1")
+      for part in ("complexity", "quota", "saec_edge", "routing", "saec_cloud_quota", "saec_cloud_unsure", "merge",
+                   "report", *SYSTEMS[1:])),
+})  # fmt: skip
+
+
 class FaultsConfig(BaseModel):
     """Deliberate failures, to test that a failed run resumes from the cache."""
 
     model_config = ConfigDict(extra="forbid")
     fail_before: list[str] = Field(default_factory=list, description="stage names (task or run-record names)")
+
+    @field_validator("fail_before")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = sorted({v for v in value if v.removeprefix("once:") not in FAULT_POINTS})
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}: name a stage task (train-cloud, score-cloud, ...) or a stage "
+                             "of a run record (mvtec_holdout/merge, ...; `saec inspect show RUN` lists them)")  # fmt: skip
+        return value
 
 
 class StoreConfig(BaseModel):
@@ -176,29 +266,128 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# A configuration is a few dozen values: these bounds only stop files that are not one.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_VALUES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses duplicate keys and counts aliases."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise ConfigError(f"more than {MAX_ALIASES} YAML aliases (*name): write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one section")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(obj: Any, limit: int) -> int:
+    """Values in `obj` with aliases expanded, stopping past `limit`."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML: UTF-8, at most 1 MB, no duplicate keys, no alias bombs."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = path.read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {len(data):,} bytes; a configuration is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    try:
+        tree = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if _count_values(tree, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(f"config file {path} expands to more than {MAX_VALUES:,} values (aliases): write it out plainly")
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _onto_defaults(default: BaseModel, tree: dict) -> dict:
+    """`tree` with every partial section completed from the default it refines.
+
+    Setting one field of a section changes that field only: a section whose default is made
+    with values of its own (the embedded synthetic data, the baselines' scoring settings) keeps
+    them, at any depth. What the user did not set stays unset (validators that look at which
+    fields were set, such as the embedded cloud threshold, see the same as before).
+    """
+    out = {}
+    for key, value in tree.items():
+        current = getattr(default, key, None) if key in type(default).model_fields else None
+        if isinstance(value, dict) and isinstance(current, BaseModel):
+            out[key] = _deep_merge(current.model_dump(exclude_unset=True), _onto_defaults(current, value))
+        elif isinstance(value, dict) and isinstance(current, dict):
+            out[key] = _deep_merge(current, value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Defaults, then the YAML file, then `key.path=value` overrides (values parsed as YAML)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.field=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {' '.join(str(exc).split())}") from None
+        _set_path(tree, key.strip(), value)
     try:
-        return PipelineConfig.model_validate(tree)
+        return PipelineConfig.model_validate(_onto_defaults(PipelineConfig(), tree))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+            named = msg.startswith((f"{loc}.", f"{loc}=")) and loc  # the message names its full path itself
+            lines.append(f"  {msg}" if named else f"  {loc}: {msg}{shown}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -123,7 +123,13 @@ def test_defect_examples_carry_the_boxes_of_their_masks(mvtec_tree, tmp_path):
     (gt / "scratch" / "001_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # unreadable
     save(gt / "hole" / "000_mask.png", np.full((16, 16), 255, np.uint8))  # another size than its image
     save(gt / "hole" / "001_mask.png", np.zeros((32, 32), np.uint8))  # empty
-    scan = read_mvtec(mvtec_tree).images
+    result = read_mvtec(mvtec_tree)
+    scan = result.images
+    # the scan quarantines the masks no stage can use, and counts the defects whose mask is empty
+    assert sorted(zip(result.quarantine.reason, result.quarantine.rel_path)) == [
+        ("mask_size_mismatch", "alpha/ground_truth/hole/000_mask.png"),
+        ("mask_unreadable", "alpha/ground_truth/scratch/001_mask.png")]
+    assert result.counts()["defect_with_empty_mask"] == 1
     every = scan.assign(split="sft_train", source_path=scan.path)
     counts: dict[str, int] = {}
     rows = read_jsonl(write_jsonl(every, tmp_path / "all.jsonl", mask_paths(scan), counts))
@@ -136,7 +142,7 @@ def test_defect_examples_carry_the_boxes_of_their_masks(mvtec_tree, tmp_path):
         assert "explain" not in by_name[key]
     assert not any("explain" in r for r in rows if r["label"] == 0)
     n_defects = sum(r["label"] for r in rows)
-    assert counts == {"ok": n_defects - 3, "unreadable_mask": 1, "mask_size_mismatch": 1, "empty_mask": 1}
+    assert counts == {"ok": n_defects - 3, "no_mask": 2, "empty_mask": 1}
     # the training reader accepts what the SFT stage writes, and refuses a target on a good image
     from saec.tasks.cloud.train import SFTDataError, read_sft
 

@@ -122,3 +122,20 @@ def test_latest_prefect_artifacts_by_key(prefect_server):
     publish("second")
     frame = artifacts_frame("%inspect-test%")
     assert frame.key.tolist() == ["drift-inspect-test"] and frame.description.tolist() == ["second"]
+
+
+def test_a_broken_run_record_is_listed_as_damaged_and_hides_no_other_run(tmp_path):
+    from saec.artifacts.store import Store
+    from saec.inspect import runs_frame
+
+    store = Store(tmp_path)
+    ok = store.new_run("pipeline")
+    ok.finish("completed")
+    for name, text in (("broken-json", "{not json"), ("no-keys", '{"status": "completed"}'), ("a-list", "[1, 2]")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "run.json").write_text(text)
+    frame = runs_frame(tmp_path).set_index("run")
+    assert frame.loc[ok.run_id, "status"] == "completed"
+    assert list(frame.loc[["a-list", "broken-json", "no-keys"], "status"]) == ["damaged"] * 3
+    assert "not valid JSON" in frame.loc["broken-json", "error"] and "lacks" in frame.loc["no-keys", "error"]
+    assert store.mark_interrupted() == []  # a damaged record is never rewritten

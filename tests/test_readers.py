@@ -157,7 +157,10 @@ def test_ksdd2_masks_decide_labels_and_orphans_are_quarantined(ksdd2_tree):
     (ksdd2_tree / "test" / "notes.txt").write_text("x")
     scan = read_ksdd2(ksdd2_tree)
     reasons = sorted(scan.quarantine.reason)
-    assert reasons == ["empty_file", "image_without_mask", "mask_size_mismatch", "mask_without_image", "not_an_image_name"]
+    assert reasons == ["empty_file", "image_quarantined", "image_without_mask", "mask_size_mismatch",
+                       "mask_size_mismatch", "mask_without_image", "not_an_image_name"]  # fmt: skip
+    kinds = scan.quarantine.groupby("reason").kind.apply(sorted).to_dict()  # a bad pair quarantines its mask too
+    assert kinds["mask_size_mismatch"] == ["image", "mask"] and kinds["image_quarantined"] == ["mask"]
     assert len(scan.images) == 6
 
 

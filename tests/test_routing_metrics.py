@@ -110,6 +110,8 @@ def test_embedded_model_has_its_own_threshold_and_scoring(tmp_path):
     assert tuned.tta == "dihedral" and tuned.tta_categories == embedded.cloud.train_config("m").augment_categories
     assert baseline.tta == "none"  # zero-shot baselines never saw turned images
     assert load_config(None, ["routing.cloud_thr=0.26"]).routing.cloud_thr == 0.26  # a set value wins
+    (tmp_path / "config.json").write_text("{}")  # a model folder as the configuration checks it
+    (tmp_path / "model.safetensors").write_bytes(b"")
     real = load_config(None, [f"cloud.model={tmp_path}"])
     assert real.routing.cloud_thr == RoutingConfig().cloud_thr == 0.26  # the seed's value for a real model
     assert real.cloud.score_config("m").tta == "none"

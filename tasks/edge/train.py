@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from saec.artifacts.store import atomic_path
+from saec.datasets.images import load_image
 from saec.tasks.edge.config import EdgeConfig
 from saec.tasks.edge.model import SAVED_MODEL, SAVED_WEIGHTS, EdgeModelError, save_classifier, ultralytics
 from saec.tasks.edge.predict import defect_index
@@ -48,10 +49,34 @@ def read_sft_jsonl(path: str | Path) -> pd.DataFrame:
     return df
 
 
+# OpenCV, which Ultralytics' trainer reads images with, decodes these suffixes in every variant the
+# scan accepts except TIFF: a TIFF of 32-bit or floating-point samples it cannot read at all.
+_OPENCV_MAY_FAIL = frozenset({".tif", ".tiff"})
+
+
+def _place(src: Path, stem: Path) -> Path:
+    """`stem` + suffix in the image folder: a link to `src`, or, where OpenCV cannot decode `src`,
+    an 8-bit PNG of it made by the project's reader (which the scan has already read it with)."""
+    suffix = src.suffix.lower()
+    if suffix in _OPENCV_MAY_FAIL:
+        import cv2
+        import numpy as np
+
+        if cv2.imdecode(np.fromfile(src, dtype=np.uint8), cv2.IMREAD_COLOR) is None:
+            dst = stem.with_name(stem.name + ".png")
+            load_image(src, "RGB").save(dst)
+            return dst
+    dst = stem.with_name(stem.name + suffix)
+    os.symlink(src.resolve(), dst)
+    return dst
+
+
 def build_imagefolder(
     train: pd.DataFrame, val: pd.DataFrame, root: str | Path, balance: bool = True
 ) -> dict[str, dict[str, int]]:
     """Symlink the images into root/{train,val}/{good,defect}/<image_id><suffix>; return the counts.
+
+    An image OpenCV cannot decode (a floating-point TIFF) is written there as an 8-bit PNG instead.
 
     With `balance`, the smaller class of the train split is oversampled by extra links
     (``<image_id>~<k><suffix>``) until both classes have the same number of entries, so the
@@ -78,7 +103,7 @@ def build_imagefolder(
             folder = root / split / cls
             folder.mkdir(parents=True)
             for image_id, src in zip(rows.image_id, rows.path):
-                os.symlink(Path(src).resolve(), folder / f"{image_id}{Path(src).suffix.lower()}")
+                _place(Path(src), folder / image_id)
             counts[split][cls] = len(rows)
         if balance and split == "train":
             target = max(counts[split].values())
@@ -86,8 +111,7 @@ def build_imagefolder(
                 rows = df[df.label == label]
                 for k in range(target - len(rows)):  # whole passes over the class, then a prefix
                     image_id, src = rows.image_id.iloc[k % len(rows)], rows.path.iloc[k % len(rows)]
-                    dst = root / split / cls / f"{image_id}~{k // len(rows) + 1}{Path(src).suffix.lower()}"
-                    os.symlink(Path(src).resolve(), dst)
+                    _place(Path(src), root / split / cls / f"{image_id}~{k // len(rows) + 1}")
                 counts[split][f"{cls}_oversampled"] = target - len(rows)
     return counts
 
