@@ -122,16 +122,20 @@ def to_8bit(img: Image.Image) -> Image.Image:
     raise ValueError(f"unsupported image mode {mode!r}")
 
 
-def load_image(path: str | Path, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file into an 8-bit PIL image of `mode` ("RGB" or "L")."""
-    path = Path(path)
+def _decoded(path: Path, max_pixels: int) -> Image.Image:
+    """The file's image, fully decoded as stored; BadImage if it cannot be."""
     img = _open(path, max_pixels)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as exc:
         img.close()
         raise BadImage(path, "truncated_or_corrupt", str(exc)) from None
-    out = to_8bit(img)
+    return img
+
+
+def load_image(path: str | Path, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file into an 8-bit PIL image of `mode` ("RGB" or "L")."""
+    out = to_8bit(_decoded(Path(path), max_pixels))
     return out if out.mode == mode else out.convert(mode)
 
 
@@ -141,13 +145,7 @@ def mask_array(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     Masks are saved grey, colour or with a palette; a faint colour such as (1, 0, 0) still marks
     a defect (converted to grey it would round to 0). Raises BadImage for a mask that cannot be read.
     """
-    path = Path(path)
-    img = _open(path, max_pixels)
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        img.close()
-        raise BadImage(path, "truncated_or_corrupt", str(exc)) from None
+    img = _decoded(Path(path), max_pixels)
     if img.mode in ("1", "L", "RGB", "I", "F") or img.mode.startswith("I;16"):
         arr = np.asarray(img)  # the stored values themselves: a 16-bit mask of 1s is a mask
     elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
