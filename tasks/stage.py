@@ -12,8 +12,9 @@ That declaration is the only place the stage is named. From it come:
 * its cache key: the stage name, the code version of everything the function runs
   (`saec.artifacts.code`: computed from the source, comments and docstrings excluded), the
   versions of the libraries that compute results, and its parameters, each data input by
-  content (a stage output by the identity of what it holds, a dataset or model folder by
-  the hash of its files, a weights file in a config by its bytes). Parameters named in
+  content (a stage output by the identity of what it holds, a model folder by the hash of
+  its files, a dataset folder by that and its path, which its scan records, a weights file
+  in a config by its bytes). Parameters named in
   `observe` say how to watch the stage, not what it computes, and are not keyed;
 * its folder in the artifact store, `stages/<name>/<key>/`, which is the cache: a verified
   folder there is a hit, and nothing else is (Prefect keeps no result records of its own);
@@ -49,7 +50,8 @@ LIBRARIES = ("numpy", "pandas", "pyarrow", "pillow", "opencv-python", "opencv-py
 
 
 def keyable(value: Any) -> Any:
-    """What of a parameter enters a cache key: content identities, never where things lie."""
+    """What of a parameter enters a cache key: content identities; where files lie only for a
+    dataset folder, whose scan records its files' paths."""
     if isinstance(value, StageResult):
         return {"stage": value.stage, "digest": value.digest()}
     if isinstance(value, DatasetRef):  # a scan records the files' paths, so where they lie is an input too
