@@ -41,11 +41,35 @@ def configure_offline(home: Path | None = None) -> None:
         # compiled kernels (the cloud engine's fast path) are cached here, not in /tmp
         "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor"),
         "TRITON_CACHE_DIR": str(home / "triton"),
+        # Ultralytics sets OMP_NUM_THREADS=1 when it is imported, unless it is set: every later
+        # torch computation of the process would then run on one core
+        "OMP_NUM_THREADS": str(available_cores()),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     _ensure_ultralytics_font(Path(os.environ["YOLO_CONFIG_DIR"]))
     _DONE = True
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (cgroup/affinity aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pin_torch_threads() -> None:
+    """Set torch's CPU threads to every usable core, explicitly.
+
+    A process's thread setting has a history that changes floating-point results: Ultralytics'
+    trainer leaves one thread, and a pool set to n threads computes other results than the pool
+    torch starts with. A stage that computes with torch calls this first, so that what it computes
+    does not depend on what ran before it in the same process.
+    """
+    import torch
+
+    torch.set_num_threads(available_cores())
 
 
 def default_home() -> Path:

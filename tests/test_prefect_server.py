@@ -344,6 +344,14 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     assert rows[0]["system"] == "saec" and rows[0]["accuracy"] == pytest.approx(metrics.accuracy.iloc[0])
     assert "saec" in report.data and str(_table_path(record, "mvtec_holdout/report:figure")) in report.data
     reference = _fingerprints(record)
+    # `saec run` on the store the deployment run filled: every stage reused, and SAEC's wall time is
+    # the one the deployment run measured, naming that run (not a near-zero time over stored work)
+    args = [a for item in base for a in ("--set", item)]
+    stack.cli("saec.cli", "run", *args)
+    cli_run = max((json.loads(p.read_text()) for p in store.glob("runs/*/run.json")), key=lambda r: (r["started"], r["run_id"]))
+    assert cli_run["run_id"] != record["run_id"] and {st["state"] for st in cli_run["stages"].values()} == {"cached"}
+    notes = cli_run["stages"]["mvtec_holdout/report"]["info"]["notes"]
+    assert any(f"(executed, run {record['run_id']})" in n for n in notes), notes
     store.rename(tmp_path / "store-reference")  # the resumed run starts from nothing, at the same path
 
     # 2. distributed, failing once before train-cloud; retried with `prefect flow-run retry`

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from saec.artifacts.hashing import hash_followed_tree
 from saec.artifacts.store import StageResult, write_json_atomic
+from saec.env import pin_torch_threads
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
 from saec.tasks.stage import Built, ModelRef, stage
 from saec.tasks.telemetry import TelemetryConfig, jsonable, measured_stage
@@ -52,6 +53,7 @@ def train_cloud(out: Path, work: Path, sft: StageResult, base: ModelRef, cfg: Cl
     """QLoRA fine-tuning on the SFT split; resumes from its last checkpoint after an interruption."""
     from saec.tasks.cloud.train import train_vlm
 
+    pin_torch_threads()
     run_cfg = cfg.model_copy(update={"model": base.path})
     info = train_vlm(run_cfg, sft.path("train_jsonl"), sft.path("val_jsonl"), work, out)
     log = out / "train_log.parquet"
@@ -112,6 +114,7 @@ def score_cloud(
     run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
 
     def compute():  # no model is loaded when nothing was routed here
+        pin_torch_threads()
         return _scorer(run_cfg.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
 
     return measured_stage(out, "scores", "cloud_scores", len(manifest), compute, telemetry, label)

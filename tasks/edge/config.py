@@ -16,7 +16,6 @@ missing weights file or a bad value fails before any image is read.
 """
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from importlib.util import find_spec
@@ -27,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from saec.artifacts.hashing import sha256_file
+from saec.env import available_cores
 
 EdgeMode = Literal["imagenet_rule", "supervised"]
 Runtime = Literal["auto", "onnxruntime", "torch"]
@@ -43,14 +43,6 @@ _RESERVED_TRAIN_ARGS = frozenset(
     {"data", "epochs", "imgsz", "batch", "device", "project", "name", "exist_ok", "workers", "seed",
      "deterministic", "pretrained", "resume", "model", "task", "mode", "amp", "plots", "verbose"}
 )
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS tells)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @lru_cache(maxsize=1)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,43 @@ def train_edge(
     """
     if cfg.mode != "supervised":
         raise ValueError(f"train_edge is for edge.mode=supervised, not {cfg.mode!r}")
-    import torch
-
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     train, val = read_sft_jsonl(train_jsonl), read_sft_jsonl(val_jsonl)
     counts = build_imagefolder(train, val, work_dir / "imagefolder", balance=cfg.train.balance_classes)
 
     ul = ultralytics()
     threads = cfg.resolved_threads()
+    with _process_settings_kept():
+        return _train(cfg, ul, threads, work_dir, out_dir, counts)
+
+
+# What Ultralytics' trainer changes for the whole process and leaves changed: it ends with one torch
+# thread and OMP_NUM_THREADS=1, so a stage after it in the same process (the cloud model's training)
+# would run on one core, and compute other floating-point results than in a process of its own.
+_PROCESS_ENV = ("OMP_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
+
+
+@contextmanager
+def _process_settings_kept():
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    env = {k: os.environ.get(k) for k in _PROCESS_ENV}
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, counts: dict) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     t = cfg.train
     with torch.random.fork_rng(devices=[]):
