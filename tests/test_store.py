@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -189,3 +190,22 @@ def test_a_copied_store_serves_its_outputs_from_where_it_lies(tmp_path):
     copy = Store(tmp_path / "b").lookup("demo", "k")
     assert copy is not None and copy.digest() == built.digest()
     assert copy.path("q").is_relative_to(tmp_path / "b") and copy.table("q").reason.tolist() == ["empty_file"]
+
+
+def test_store_files_get_the_usual_modes_not_owner_only(tmp_path):
+    import stat
+
+    from saec.artifacts.store import DIR_MODE, FILE_MODE, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        assert FILE_MODE == 0o666 & ~store_mod._UMASK
+        built = Store(tmp_path).build_stage("demo", "k", lambda out: ({"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path,
+                                                                        "s": write_json_atomic(out / "s.json", {"a": 1})}, {}))  # fmt: skip
+        folder = Path(built.dir)
+        for f in (folder / "q.parquet", folder / "s.json", folder / "_stage.json"):
+            assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f.name
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o700 == 0o700
+        assert DIR_MODE & 0o700 == 0o700
+    finally:
+        os.umask(old)
