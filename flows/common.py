@@ -131,8 +131,12 @@ def start_run(cfg, flow: str) -> RunFolder:
 
 
 def end_run(run: RunFolder, exc: BaseException) -> None:
-    """Record how a run ended when it did not complete."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or type(exc).__name__ in ("CancelledError", "TerminationSignal"):
+    """Record how a run ended when it did not complete: interrupted (stopped, cancelled) or failed."""
+    from asyncio import CancelledError
+
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, CancelledError, TerminationSignal)):
         run.finish("interrupted", error=f"{type(exc).__name__}: {exc}".rstrip(": "))
     else:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")

@@ -76,8 +76,7 @@ def metric_values(row: dict[str, Any]) -> dict[str, float | None]:
 
 # What a report row's `measured` says when its time and energy cover the whole system: SAEC's
 # measurement taken while all its stages executed (or that measurement, reported again from
-# the cache), a baseline measured inside its own stage. "partial: ..." and "cached stages, no
-# stored measurement" cover only part of the work.
+# the store), a baseline measured inside its own stage. "not measured: ..." holds no time.
 COMPLETE_MEASUREMENTS = frozenset({"executed", "inside its stage"})
 
 
