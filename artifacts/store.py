@@ -313,6 +313,14 @@ def _describe_os_error(exc: OSError, what: str, root: Path) -> StoreError:
     return StoreError(f"the artifact store {root} failed while {what}: {exc}")
 
 
+def _store_problem(exc: OSError, root: Path) -> bool:
+    """Whether an error while building is the store's: a full or read-only disk, or a file of the store refused."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    return exc.errno in (errno.EACCES, errno.EPERM) and any(Path(os.fsdecode(n)).absolute().is_relative_to(root) for n in names)
+
+
 def _pid_alive(pid: int, started: float | None) -> bool:
     import psutil
 
@@ -397,6 +405,8 @@ class Store:
                 self._clear_leftovers(stage, key)
                 return self._build_locked(stage, key, build, measurements, code), False
         except OSError as exc:
+            if not _store_problem(exc, self.root):
+                raise  # the stage's own input (a dataset file, a model folder) could not be read
             raise _describe_os_error(exc, f"building stage {stage}", self.root) from None
 
     def _clear_leftovers(self, stage: str, key: str) -> None:

@@ -209,3 +209,20 @@ def test_store_files_get_the_usual_modes_not_owner_only(tmp_path):
         assert DIR_MODE & 0o700 == 0o700
     finally:
         os.umask(old)
+
+
+def test_an_input_that_cannot_be_read_is_not_blamed_on_the_store(tmp_path):
+    from saec.artifacts.store import StoreError
+
+    def reads_a_missing_input(out):
+        (tmp_path / "dataset" / "gone.png").read_bytes()
+        return {}, {}
+
+    with pytest.raises(FileNotFoundError, match="gone.png"):  # the input's own error, not a store error
+        Store(tmp_path / "store").build_stage("demo", "k", reads_a_missing_input)
+
+    def disk_full(out):
+        raise OSError(28, "No space left on device", str(out / "q.parquet"))
+
+    with pytest.raises(StoreError, match="no space left on the device of the artifact store"):
+        Store(tmp_path / "store").build_stage("demo", "k2", disk_full)
