@@ -304,15 +304,10 @@ def main() -> None:
 
     configure_offline()
     try:
-        app(standalone_mode=False)
+        app()  # usage errors and typer.Exit end the process here, with their exit codes
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
-    except click_exceptions() as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except ActionableError as exc:
         if _debug():
             raise
@@ -326,11 +321,6 @@ def main() -> None:
                       "or set store.root to a writable folder with room", soft_wrap=True, highlight=False)  # fmt: skip
         sys.exit(1)
 
-
-def click_exceptions() -> tuple[type[BaseException], ...]:
-    import click
-
-    return (click.ClickException,)
 
 
 if __name__ == "__main__":
