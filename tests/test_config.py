@@ -129,3 +129,17 @@ def test_hostile_yaml_files_are_refused_at_once(tmp_path):
     assert not Path(tmp_path / "missing.yaml").exists()
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_the_command_line_refuses_a_wrong_configuration_with_exit_2_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "saec.cli", "config", "--set", "holdout.n_good=-1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "holdout.n_good" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    usage = subprocess.run([sys.executable, "-m", "saec.cli", "prepare", "--no-such-option"], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert usage.returncode == 2 and "No such option" in usage.stdout + usage.stderr
+    assert "Traceback" not in usage.stdout + usage.stderr
