@@ -146,9 +146,11 @@ def train_edge(
         return _train(cfg, ul, threads, work_dir, out_dir, counts)
 
 
-# What Ultralytics' trainer changes for the whole process and leaves changed: it ends with one torch
-# thread and OMP_NUM_THREADS=1, so a stage after it in the same process (the cloud model's training)
-# would run on one core, and compute other floating-point results than in a process of its own.
+# What Ultralytics' trainer changes for the whole process and leaves changed: it sets torch to its
+# own thread count (cores - 1: one on two cores) and, for determinism, CUBLAS_WORKSPACE_CONFIG and the
+# deterministic-algorithms flag. A stage after it in the same process (the cloud model's training)
+# would otherwise run on one core. (OMP_NUM_THREADS=1, which Ultralytics sets on import when unset,
+# is kept from taking effect by saec.env.configure_offline.)
 _PROCESS_ENV = ("OMP_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
 
 
