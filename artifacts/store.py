@@ -516,11 +516,11 @@ def _record(stage: str, key: str, tmp: Path, final: Path, rel: dict[str, str], i
             continue
         entry = files[r]
         schema = _schema_of(p)
-        table = pq.read_table(p) if schema else None
+        measured = schema in MEASURED_COLUMNS  # only those tables have an identity apart from their bytes
         outputs[name] = FileRef(
             path=str(final / r), sha256=entry.get("sha256") or hash_obj(entry),
             rows=pq.ParquetFile(p).metadata.num_rows if p.suffix == ".parquet" else None,
-            schema_name=schema, identity=_table_identity(table, schema) if table is not None else None,
+            schema_name=schema, identity=_table_identity(pq.read_table(p), schema) if measured else None,
         )  # fmt: skip
     return _Record(
         stage=stage, key=key, dir=str(final), outputs=outputs, info=info, code=code,
