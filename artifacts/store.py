@@ -85,6 +85,7 @@ class StageResult(BaseModel):
     created: str = ""
     code: str = ""  # code version of the stage that built it
     measurements: list[str] = Field(default_factory=list)  # outputs that record how the run went, not data
+    build_s: float | None = None  # how long the build took (a fact about that run, not part of the output's identity)
 
     def table(self, name: str) -> pd.DataFrame:
         return read_table(self.outputs[name].path)
@@ -421,12 +422,14 @@ class Store:
         final = self.stage_dir(stage, key)
         tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
+        t0 = time.perf_counter()
         try:
             files, info = build(tmp)
+            build_s = round(time.perf_counter() - t0, 3)
             rel = {name: Path(p).resolve().relative_to(tmp.resolve()).as_posix() for name, p in files.items()}
             info = _relocate(info, tmp, final)
             _relocate_json_files(tmp, final)
-            record = _record(stage, key, tmp, final, rel, info, measurements, code)
+            record = _record(stage, key, tmp, final, rel, info, measurements, code).model_copy(update={"build_s": build_s})
             write_json_atomic(tmp / STAGE_RECORD, record.model_dump(mode="json"))
             if final.exists() or final.is_symlink():  # damaged, or replaced on purpose: out of the way first
                 aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
@@ -581,9 +584,13 @@ class RunFolder:
         record = {"run_id": path.name, "flow": "?", "stages": {}, "status": "damaged", "error": why}
         return cls(path, path.name, "?", record)
 
-    def add_stage(self, result: StageResult, state: str, name: str | None = None) -> None:
+    def add_stage(self, result: StageResult, state: str, name: str | None = None, seconds: float | None = None) -> None:
+        """Record a stage of this run: built here ("ran") or taken from the store ("cached"), with the
+        seconds this run spent on it (None where the run did not time it alone) and the build's time."""
         self.record["stages"][name or result.stage] = {
             "state": state,
+            "seconds": None if seconds is None else round(seconds, 3),
+            "build_s": result.build_s,
             "key": result.key,
             "dir": result.dir,
             "code": result.code,

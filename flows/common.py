@@ -1,6 +1,7 @@
 """What every flow does around a stage task: call it where it is placed, record whether it was built or reused."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Protocol
@@ -145,8 +146,9 @@ def end_run(run: RunFolder, exc: BaseException) -> None:
 def call_stage(run: RunFolder, task: Task, name: str | None = None, **params: Any) -> StageResult:
     """Run a stage task and record in the run folder whether it was built or came from the store."""
     check_fault(run, task, name)
+    t0 = time.perf_counter()
     result, cached = execute_stage(task, params)
-    run.add_stage(result, "cached" if cached else "ran", name)
+    run.add_stage(result, "cached" if cached else "ran", name, seconds=time.perf_counter() - t0)
     return result
 
 
@@ -154,5 +156,7 @@ def collect(run: RunFolder, future: PrefectFuture, name: str, task: Task, **para
     """Wait for a submitted stage task and record it like `call_stage` does."""
     check_fault(run, task, name)
     result: StageResult = future.result()
-    run.add_stage(result, "cached" if future.state.name == "Cached" else "ran", name)
+    cached = future.state.name == "Cached"
+    # a submitted stage overlapped others: its own time is its build's (a hit took next to none)
+    run.add_stage(result, "cached" if cached else "ran", name, seconds=None if cached else result.build_s)
     return result

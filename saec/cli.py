@@ -92,8 +92,8 @@ def _quiet_actionable_tracebacks() -> None:
 
 def _stage_table(run_record: dict) -> Table:
     table = Table(title=f"run {run_record['run_id']}")
-    for col in ("stage", "state", "outputs", "details"):
-        table.add_column(col)
+    for col in ("stage", "state", "time s", "outputs", "details"):
+        table.add_column(col, justify="right" if col == "time s" else "left")
     for name, st in run_record["stages"].items():
         outputs = ", ".join(f"{k} ({v['rows']} rows)" if v.get("rows") is not None else k for k, v in st["outputs"].items())
         info = st.get("info", {})
@@ -101,8 +101,19 @@ def _stage_table(run_record: dict) -> Table:
         if isinstance(detail, dict):
             detail = " ".join(f"{k}={v}" for k, v in detail.items() if not str(k).startswith("quarantined:"))
         colour = "green" if st["state"] == "cached" else "cyan"
-        table.add_row(name, f"[{colour}]{st['state']}[/{colour}]", outputs, str(detail))
+        table.add_row(name, f"[{colour}]{st['state']}[/{colour}]", _stage_seconds(st), outputs, str(detail))
     return table
+
+
+def _stage_seconds(st: dict) -> str:
+    """This run's time on a stage; for one taken from the store, what its build took, in brackets."""
+    from saec.inspect import stage_seconds
+
+    seconds, built = stage_seconds(st)
+    if seconds is None and built is None:
+        return "n/a"
+    text = "" if seconds is None else f"{seconds:.1f}"
+    return text + (f" (built in {built:.1f})" if st["state"] == "cached" and built is not None else "")
 
 
 def _report_prepare(out: dict) -> None:

@@ -70,11 +70,27 @@ def resolve_run(store_root: str | Path, ref: str) -> RunFolder:
     raise LookupError(f"{ref!r} matches {len(matches)} runs: {', '.join(r.run_id for r in matches[:5])}...")
 
 
+def stage_seconds(st: dict) -> tuple[float | None, float | None]:
+    """(seconds this run spent on a stage, seconds its build took) from a run record's stage entry.
+
+    A stage built in the run took its build's time; one taken from the store took the lookup's
+    (None where the run did not time it alone). Records written before stages were timed give None.
+    """
+    seconds, built = st.get("seconds"), st.get("build_s")
+    if seconds is None and st.get("state") == "ran":
+        seconds = built
+    return seconds, built
+
+
 def stages_frame(run: RunFolder) -> pd.DataFrame:
-    """One row per stage the run used: ran or cached, cache key, outputs, folder."""
-    rows = [{"stage": name, "state": st["state"], "key": st["key"], "outputs": ", ".join(st["outputs"]), "dir": st["dir"]}
-            for name, st in run.record["stages"].items()]  # fmt: skip
-    return pd.DataFrame(rows, columns=["stage", "state", "key", "outputs", "dir"])
+    """One row per stage the run used: ran or cached, its time in this run and its build's, cache key,
+    outputs, folder."""
+    rows = []
+    for name, st in run.record["stages"].items():
+        seconds, built = stage_seconds(st)
+        rows.append({"stage": name, "state": st["state"], "seconds": seconds, "build_s": built, "key": st["key"],
+                     "outputs": ", ".join(st["outputs"]), "dir": st["dir"]})
+    return pd.DataFrame(rows, columns=["stage", "state", "seconds", "build_s", "key", "outputs", "dir"])
 
 
 def metrics_frame(run: RunFolder) -> pd.DataFrame:

@@ -206,6 +206,10 @@ class CloudTrainConfig(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(8, ge=1)
+    micro_batch: int | Literal["auto"] = Field(
+        "auto", description="images per forward and backward pass; the optimizer still steps once per "
+                            "batch_size x grad_accum images, so the recipe is the same whatever it is. "
+                            "'auto' = the whole batch in one pass on CUDA, batch_size on a CPU")
     lr: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -257,7 +261,27 @@ class CloudTrainConfig(_Strict):
     def _consistent(self) -> "CloudTrainConfig":
         if self.trainable == "full" and self.quantization == "nf4":
             raise ValueError("trainable='full' cannot train 4-bit weights: use quantization='none'")
+        if self.micro_batch != "auto":
+            if self.micro_batch < 1 or (self.batch_size * self.grad_accum) % self.micro_batch:
+                raise ValueError(f"micro_batch={self.micro_batch} must divide the optimizer's batch, batch_size x "
+                                 f"grad_accum = {self.batch_size * self.grad_accum}")
         return self
+
+    def passes(self, device_type: str) -> tuple[int, int]:
+        """(images per pass, passes per optimizer step) on a device of this type.
+
+        Every optimizer step sees batch_size x grad_accum images, and the loss is the mean of the
+        passes' means, so a step's gradient does not depend on how the batch is split (each
+        example carries as many answer tokens as any other). Larger passes keep a GPU busy: the
+        recipe's 2 images per pass left an H200 at a quarter of its training rate
+        (benchmarks/results/real_size_qlora_h200.json).
+        """
+        total = self.batch_size * self.grad_accum
+        if self.micro_batch == "auto":
+            size = total if device_type == "cuda" else self.batch_size
+        else:
+            size = self.micro_batch
+        return size, total // size
 
     @classmethod
     def tiny(cls, model: str | Path, **overrides) -> "CloudTrainConfig":

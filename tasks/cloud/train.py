@@ -701,10 +701,18 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     if cfg.explain_turn and not explained:
         warnings.warn(f"explain_turn teaches nothing: no example of {train_jsonl} has an explanation target "
                       "(the SFT stage writes them for defect images with ground-truth masks)", stacklevel=2)
+    fast_path = None
+    if loaded.device.type == "cuda" and loaded.family == "qwen2_5_vl":
+        # the scoring engine's uncompiled vision path (batched windows, patch embedding as one matmul);
+        # the frozen tower's forward is the same computation, only without a Python loop per window
+        from saec.tasks.cloud.fast import install_fast_path
+
+        fast_path = install_fast_path(loaded.model)["installed"]
     model = setup_trainable(loaded, cfg)
     loaded.model = model
     base = loaded.base
     device = loaded.device
+    per_pass, passes = cfg.passes(device.type)
     autocast = device.type == "cuda" and loaded.dtype != torch.float32
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -713,8 +721,8 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     optimizer = torch.optim.AdamW(
         [p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
-    n_micro = math.ceil(len(examples) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    n_micro = math.ceil(len(examples) / per_pass)
+    steps_per_epoch = math.ceil(n_micro / passes)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -724,7 +732,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
     )
 
     average = WeightAverage(named, cfg.ema_decay) if cfg.ema_decay is not None else None
-    fingerprint = _fingerprint(cfg, train_jsonl, loaded.model_id)
+    fingerprint = _fingerprint(cfg, train_jsonl, loaded.model_id) | {"images_per_pass": per_pass}
     state, log_rows = TrainState(), []
     for stale in (work_dir / CHECKPOINTS).glob(".tmp-step-*"):  # a checkpoint cut off mid-write
         shutil.rmtree(stale, ignore_errors=True)
@@ -757,7 +765,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         while state.step < total_steps and state.epoch < cfg.epochs:
             order = epoch_order(cfg.seed, state.epoch, len(examples))
             augs = augment_plan(cfg, state.epoch, examples)
-            micro = [(augs, order[i : i + cfg.batch_size].tolist()) for i in range(0, len(order), cfg.batch_size)]
+            micro = [(augs, order[i : i + per_pass].tolist()) for i in range(0, len(order), per_pass)]
             start = state.next_micro
             window_losses: list[float] = []
             window_stats = {"images": 0, "answer_tokens": 0, "tokens": 0}
@@ -769,8 +777,8 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
             else:
                 batches = _prefetch(make, micro[start:], pool, cfg.preprocess_workers + 1)
             for k, batch in enumerate(batches, start=start):
-                window_start = (k // cfg.grad_accum) * cfg.grad_accum
-                window_len = min(cfg.grad_accum, n_micro - window_start)
+                window_start = (k // passes) * passes
+                window_len = min(passes, n_micro - window_start)
                 batch = {key: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for key, v in batch.items()}
                 if "pixel_values" in batch:
                     batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
@@ -817,7 +825,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
                     }
                 )
                 bar.update(1)
-                bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{log_rows[-1]['images_per_s']:.1f}")
                 done = state.step >= total_steps
                 if state.step % cfg.checkpoint_every == 0 or done:
                     save_checkpoint(work_dir, state, model, optimizer, scheduler, log_rows, fingerprint,
@@ -850,6 +858,10 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         "sessions": state.session + 1,
         "train_seconds": state.elapsed_s,
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "images_per_pass": per_pass,
+        "passes_per_step": passes,
+        "vision_fast_path": fast_path,
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "quantization": loaded.quantization,
