@@ -513,3 +513,36 @@ def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
     saved = a[next(k for k in a if "lm_head" in k)]
     torch.testing.assert_close(saved, averaged[head])
     assert not torch.allclose(saved, raw[head])
+
+
+def test_micro_batches_split_a_step_without_changing_its_gradient(tiny, sft, tmp_path):
+    """Four images per optimizer step, in one pass or in two of two: the same trained weights.
+
+    Every example carries one answer token, so the mean over one pass of four equals the mean of
+    two passes' means; only float rounding may differ. A split that does not divide the step is
+    refused before anything loads.
+    """
+    from safetensors.torch import load_file
+
+    outs, logs = {}, {}
+    for micro, accum, per_pass in ((4, 1, 4), (2, 2, 2)):
+        cfg = tiny_cfg(tiny, batch_size=4 // accum, grad_accum=accum, micro_batch=per_pass, max_steps=2,
+                       lora_dropout=0.0, lr=1e-2)
+        summary = train_vlm(cfg, sft, None, tmp_path / f"work{micro}", tmp_path / f"out{micro}")
+        assert (summary["images_per_pass"], summary["passes_per_step"], summary["steps"]) == (per_pass, accum, 2)
+        outs[micro] = load_file(str(Path(summary["adapter_dir"]) / "adapter_model.safetensors"))
+        logs[micro] = read_table(tmp_path / f"out{micro}" / "train_log.parquet")
+    # the gradient before clipping, by its norm, and the loss: the same step, however it was split
+    np.testing.assert_allclose(logs[2]["grad_norm"], logs[4]["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(logs[2]["loss"], logs[4]["loss"], rtol=1e-5)
+    assert outs[4].keys() == outs[2].keys()
+    moved = 0
+    for name, value in outs[4].items():  # Adam divides by the gradient's size: rounding grows near zero
+        torch.testing.assert_close(outs[2][name], value, rtol=2e-3, atol=2e-4)
+        moved += int("lora_B" in name and bool(value.abs().sum() > 0))
+    assert moved  # LoRA's B matrices start at zero: they trained, so the comparison means something
+    # "auto" is the configured batch on a CPU, the whole step on CUDA
+    auto = tiny_cfg(tiny, batch_size=2, grad_accum=8)
+    assert auto.passes("cpu") == (2, 8) and auto.passes("cuda") == (16, 1)
+    with pytest.raises(ValueError, match="micro_batch=3 must divide"):
+        tiny_cfg(tiny, batch_size=2, grad_accum=8, micro_batch=3)

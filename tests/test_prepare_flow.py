@@ -48,6 +48,15 @@ def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_se
     second = prepare_flow(cfg)
     assert _states(second) == {s: "cached" for s in stages}
     assert second["holdout"].digest() == first["holdout"].digest()
+    # every stage is timed: this run's seconds, and for a stored one what its build took then
+    for name in stages:
+        ran, hit = first["run"].record["stages"][name], second["run"].record["stages"][name]
+        assert ran["seconds"] >= ran["build_s"] > 0 and hit["build_s"] == ran["build_s"]
+        assert 0 <= hit["seconds"] < ran["seconds"] + 5
+    from saec.inspect import stages_frame
+
+    frame = stages_frame(second["run"]).set_index("stage")
+    assert frame.loc["scan_mvtec", "build_s"] == first["run"].record["stages"]["scan_mvtec"]["build_s"]
 
     # a table of a cached stage truncated on disk: that stage is built again, nothing after it
     table = second["scan_ksdd2"].path("images")
