@@ -37,7 +37,7 @@ class Models:
 
 def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, sft: StageResult, m: Models) -> dict:
     store, tel = str(cfg.store.root), cfg.telemetry
-    score_cfg = cfg.cloud.score_config(m.vlm.path)
+    score_cfg = cfg.score_config(m.vlm.path)
     rule = cfg.routing.model_dump(include=RULE_FIELDS)
     sampler = Sampler(tel).start()
     t0 = time.perf_counter()
@@ -114,11 +114,11 @@ def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResu
     if system == "edge_only":
         res = call_stage(run, predict_edge_task, name=f"{name}/{system}", trained=m.edge, sft=sft, cfg=cfg.edge, **common)
     elif system == "cloud_only":
-        score_cfg = cfg.cloud.score_config(m.vlm.path)
+        score_cfg = cfg.score_config(m.vlm.path)
         res = call_stage(run, score_cloud, name=f"{name}/{system}", model=m.vlm, adapter=m.adapter, cfg=score_cfg, **common)
     else:
         model = m.vlm if system == "qwen_zeroshot" else m.llava
-        score_cfg = cfg.cloud.score_config(model.path, baseline=True)
+        score_cfg = cfg.score_config(model.path, baseline=True)
         res = call_stage(run, score_cloud, name=f"{name}/{system}", model=model, adapter=None, cfg=score_cfg, **common)
     measurement = {"wall_s": res.info.get("seconds"), "serial_s": res.info.get("seconds"),
                    "telemetry": res.info.get("telemetry", {}), "measured": "inside its stage"}  # fmt: skip

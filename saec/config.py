@@ -250,10 +250,22 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _embedded_threshold(self) -> "PipelineConfig":
-        """The embedded model's own verdict threshold, unless `routing.cloud_thr` is set."""
+        """The embedded model's own verdict threshold, unless `routing.cloud_thr` is set; one cloud
+        verdict threshold everywhere (see `score_config`)."""
         if self.cloud.embedded and "cloud_thr" not in self.routing.model_fields_set:
             self.routing = self.routing.model_copy(update={"cloud_thr": EMBEDDED_CLOUD_THR})
+        for section in ("score", "baseline_score"):
+            given = getattr(self.cloud, section).get("threshold")
+            if given is not None and given != self.routing.cloud_thr:
+                raise ValueError(f"cloud.{section}.threshold={given} differs from routing.cloud_thr="
+                                 f"{self.routing.cloud_thr}, the threshold every decision uses: set routing.cloud_thr")
         return self
+
+    def score_config(self, model_path: str, baseline: bool = False) -> CloudScoreConfig:
+        """The cloud scoring settings of this pipeline: `cloud.score_config`, with the verdict threshold
+        (the scores table's `pred` and `threshold`, and which images get explanations) set to
+        `routing.cloud_thr`, the one the decisions and metrics apply."""
+        return self.cloud.score_config(model_path, baseline).model_copy(update={"threshold": self.routing.cloud_thr})
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

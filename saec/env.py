@@ -6,6 +6,7 @@ a variable the user already set wins. What SAEC itself keeps outside the artifac
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -48,6 +49,11 @@ def configure_offline(home: Path | None = None) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     _ensure_ultralytics_font(Path(os.environ["YOLO_CONFIG_DIR"]))
+    # bitsandbytes, imported on a CPU machine, looks for an optional 4-bit CPU kernel on the Hugging
+    # Face Hub and logs two warnings when offline. Nothing here runs 4-bit on a CPU (NF4 is for CUDA,
+    # quantization=auto), so they tell a user nothing to act on; errors still show.
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     _DONE = True
 
 

@@ -375,3 +375,29 @@ def test_explanation_parsing_and_validation():
         parsed = parse_explanation(text, 100, 100)
         assert parsed.status == STATUS_INVALID and parsed.explanation is None
         assert reason.lower() in parsed.error.lower(), (text, parsed.error)
+
+
+def test_scoring_spread_over_two_processes_merges_shards_in_manifest_order(tiny, images, tmp_path):
+    """Two devices (here two CPU processes): each scores a contiguous shard; the merged table is the
+    one-process table, row for row, with the shards recorded."""
+    import pandas as pd
+
+    from saec.tasks.cloud.parallel import resolve_devices, score_manifest_sharded, shard_bounds
+
+    paths = [str(p) for p in images] * 2  # 16 rows: shards of 8
+    manifest = pd.DataFrame({"image_id": [f"id{i:02d}" for i in range(len(paths))], "path": paths})
+    cfg = CloudScoreConfig(model=str(tiny), resize=56, batch_size=3, device="cpu", dtype="float32", progress=False)
+    VLMScorer(cfg).score_manifest(manifest, tmp_path / "one.parquet")
+    two = cfg.model_copy(update={"devices": ("cpu", "cpu")})
+    info = score_manifest_sharded(two, manifest, tmp_path / "two.parquet")
+    one, merged = read_table(tmp_path / "one.parquet"), read_table(tmp_path / "two.parquet")
+    assert list(merged.image_id) == list(manifest.image_id) and list(merged.path) == paths
+    np.testing.assert_allclose(merged.p_defect, one.p_defect, rtol=1e-5, atol=1e-6)
+    assert info["devices"] == ["cpu", "cpu"] and [s["rows"] for s in info["shards"]] == [8, 8]
+    assert info["rows"] == 16 and not list(tmp_path.glob(".shards-*"))  # the shards' folder is gone
+    assert shard_bounds(5, 3) == [(0, 2), (2, 3), (3, 5)] and shard_bounds(1, 4) == [(0, 1)]
+    assert resolve_devices(cfg) == ["cpu"]
+    # the device list is where it runs, not what it computes: it is not part of a cache key
+    assert two.cache_key_view() == cfg.cache_key_view()
+    with pytest.raises(ValueError, match="devices is empty"):
+        CloudScoreConfig(model=str(tiny), devices=())

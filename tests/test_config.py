@@ -143,3 +143,36 @@ def test_the_command_line_refuses_a_wrong_configuration_with_exit_2_and_no_trace
                            text=True, timeout=120)  # fmt: skip
     assert usage.returncode == 2 and "No such option" in usage.stdout + usage.stderr
     assert "Traceback" not in usage.stdout + usage.stderr
+
+
+def test_one_cloud_verdict_threshold_for_scores_decisions_and_metrics():
+    """The scores table's verdicts are taken at routing.cloud_thr, the threshold the decisions use;
+    a scoring threshold that differs from it is refused before any work."""
+    from saec.config import PipelineConfig, load_config
+
+    embedded = PipelineConfig()
+    assert embedded.score_config("m").threshold == embedded.routing.cloud_thr
+    assert embedded.score_config("m", baseline=True).threshold == embedded.routing.cloud_thr
+    tuned = load_config(None, ["routing.cloud_thr=0.3"])
+    assert tuned.score_config("m").threshold == 0.3 == tuned.score_config("m", baseline=True).threshold
+    assert load_config(None, ["routing.cloud_thr=0.3", "cloud.score.threshold=0.3"]).score_config("m").threshold == 0.3
+    with pytest.raises(ConfigError, match=r"cloud.score.threshold=0.26 differs from routing.cloud_thr=0.3"):
+        load_config(None, ["routing.cloud_thr=0.3", "cloud.score.threshold=0.26"])
+
+
+def test_bitsandbytes_offline_kernel_lookup_is_not_shown(tmp_path):
+    """Importing bitsandbytes on a CPU machine offline logs a failed kernel download that nobody can
+    act on; after configure_offline it stays silent, and an error from the same logger still shows."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging, sys\nfrom saec.env import configure_offline\nconfigure_offline()\n"
+            "import bitsandbytes\nlogging.getLogger('bitsandbytes.backends.cpu.ops').error('a real error')\n")
+    out = {}
+    for quiet in (False, True):
+        text = code.replace("configure_offline()\n", "configure_offline()\n" if quiet else "")
+        out[quiet] = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=120).stderr
+    assert "a real error" in out[True] and "gemm_4bit_forward" not in out[True]
+    if "gemm_4bit_forward" not in out[False]:
+        pytest.skip("this bitsandbytes does not look for the CPU kernel")

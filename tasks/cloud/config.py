@@ -373,7 +373,24 @@ class CloudScoreConfig(_Strict):
     explain_batch_size: int = Field(8, ge=1)
     decode_workers: int = Field(4, ge=1)
     prefetch_batches: int = Field(2, ge=1)
+    devices: tuple[str, ...] | Literal["all"] | None = Field(
+        None, description="score on these devices at once, one process each, the images cut into contiguous "
+                          "shards and the results merged in order ('all' = every visible GPU); None = `device` "
+                          "alone in this process")
     progress: bool = True
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value):
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("devices is empty: list one or more devices, 'all', or leave it unset")
+            return tuple(_check_device(v) for v in value)
+        return value
+
+    def cache_key_view(self) -> dict:
+        """As `_Strict.cache_key_view`; `devices` too: it spreads the same computation, it changes none."""
+        return self.model_dump(mode="json", exclude={"model", "adapter", "progress", "devices"})
 
     def load_config(self) -> ModelLoadConfig:
         return ModelLoadConfig(

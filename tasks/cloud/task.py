@@ -114,7 +114,11 @@ def score_cloud(
     run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
 
     def compute():  # no model is loaded when nothing was routed here
+        from saec.tasks.cloud.parallel import resolve_devices, score_manifest_sharded
+
         pin_torch_threads()
+        if len(resolve_devices(run_cfg)) > 1:  # one process per device, each loading its own copy
+            return score_manifest_sharded(run_cfg, manifest, out / "scores.parquet")
         return _scorer(run_cfg.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
 
     return measured_stage(out, "scores", "cloud_scores", len(manifest), compute, telemetry, label)
