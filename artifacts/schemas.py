@@ -80,6 +80,10 @@ ROUTING = pa.schema(
 DECISIONS = pa.schema(
     [
         ("image_id", _str),
+        ("path", _str),  # the evaluation set's file
+        ("source_path", _str),  # the file it was taken from, in the user's dataset folder
+        ("category", _str),
+        ("defect_type", _str),  # "good" for good images
         ("label", pa.int8()),
         ("pred", pa.int8()),
         ("correct", _bool),
@@ -97,9 +101,9 @@ CLOUD_SCORES = pa.schema(
     [
         ("image_id", _str),
         ("path", _str),
-        ("p_defect", _f64),  # softmax over the two label logits (or over mean answer log-probs with TTA)
-        ("pred", pa.int8()),  # 1 iff p_defect >= threshold
-        ("threshold", _f64),
+        # softmax over the two label logits (or over mean answer log-probs with TTA). No verdict is kept
+        # here: a verdict is p_defect >= routing.cloud_thr, taken where the decisions are made
+        ("p_defect", _f64),
         ("logit_0", _f32),  # next-token logit of "0"; with TTA the mean summed log-prob of "Label: 0"
         ("logit_1", _f32),
         ("score_kind", _str),  # "label_logit" | "label_logit_mean" (dihedral) | "answer_logprob_mean" (five_crop)

@@ -97,7 +97,7 @@ def _stage_table(run_record: dict) -> Table:
     for name, st in run_record["stages"].items():
         outputs = ", ".join(f"{k} ({v['rows']} rows)" if v.get("rows") is not None else k for k, v in st["outputs"].items())
         info = st.get("info", {})
-        detail = info.get("counts") or info.get("actual") or info.get("train") or ""
+        detail = info.get("counts") or info.get("actual") or info.get("train") or info.get("trained_on") or ""
         if isinstance(detail, dict):
             detail = " ".join(f"{k}={v}" for k, v in detail.items() if not str(k).startswith("quarantined:"))
         colour = "green" if st["state"] == "cached" else "cyan"
@@ -129,7 +129,10 @@ def _report_prepare(out: dict) -> None:
     for name in ("holdout", "ksdd2_1to1"):
         if name in out:
             info = out[name].info
-            console.print(f"{name}: {out[name].dir}/val  {info}")
+            counts = info.get("actual") or info
+            console.print(f"{name}: {counts.get('good')} good + {counts.get('defect')} defect images  ({out[name].dir}/val)")
+            if "shortfall" in info:
+                console.print(f"[yellow]warning: {name}: {info['shortfall']}[/yellow]")
     checks = run.record.get("checks", {})
     if "leakage" in checks:
         console.print(f"[green]leakage check passed[/green]: {checks['leakage']['files_checked']} holdout files hashed, none in SFT train")
@@ -151,10 +154,12 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def _results_table(name: str, systems: list[dict]) -> Table:
-    table = Table(title=f"results: {name}")
+    first = systems[0] if systems else {}
+    counts = f" ({first.get('n_good')} good, {first.get('n_defect')} defect)" if "n_good" in first else ""
+    table = Table(title=f"results: {name}{counts}")
     cols = [("system", None), ("accuracy %", "accuracy"), ("balanced %", "balanced_accuracy"),
             ("cloud share %", "cloud_share"), ("wall s", "wall_s"), ("serial s", "serial_s"),
-            ("energy/correct mWh", "energy_per_correct_mwh"), ("CPU mem GB", "cpu_mem_avg_gb")]  # fmt: skip
+            ("energy/correct mWh", "energy_per_correct_mwh"), ("CPU mem added GB", "cpu_mem_added_gb")]  # fmt: skip
     for title, _ in cols:
         table.add_column(title, justify="right" if _ else "left")
     pct = {"accuracy", "balanced_accuracy", "cloud_share"}

@@ -263,8 +263,9 @@ class PipelineConfig(BaseModel):
 
     def score_config(self, model_path: str, baseline: bool = False) -> CloudScoreConfig:
         """The cloud scoring settings of this pipeline: `cloud.score_config`, with the verdict threshold
-        (the scores table's `pred` and `threshold`, and which images get explanations) set to
-        `routing.cloud_thr`, the one the decisions and metrics apply."""
+        (which images get explanations) set to `routing.cloud_thr`, the one the decisions and metrics
+        apply. Scores tables keep P(defect) only, so without explanations the threshold is not part
+        of the scoring stages' keys: changing it re-runs the merge and the reports, not the scoring."""
         return self.cloud.score_config(model_path, baseline).model_copy(update={"threshold": self.routing.cloud_thr})
 
 

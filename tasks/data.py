@@ -32,11 +32,20 @@ class LeakageError(ActionableError, RuntimeError):
 
 
 class HoldoutConfig(BaseModel):
-    """The MVTec AD binary holdout, drawn from `test/` only (seed: 500 + 500, seed 2025)."""
+    """The MVTec AD binary holdout, drawn from `test/` only (seed: 500 + 500, seed 2025).
+
+    `balance` says what happens when `test/` (less the SFT training images) holds fewer images of
+    a class than asked: "cap_to_smaller" (the default) shrinks both classes by the same factor, so
+    the holdout keeps the asked ratio (1:1 for the seed's 500 + 500) and its accuracy stays
+    comparable with the seed's, which is measured on equal classes; "as_available" takes what
+    there is of each class, and accuracy then leans toward the larger class (balanced accuracy is
+    reported either way). Either way the run warns and every report states the counts.
+    """
 
     model_config = ConfigDict(extra="forbid")
     n_good: int = Field(500, ge=1)
     n_defect: int = Field(500, ge=1)
+    balance: Literal["cap_to_smaller", "as_available"] = "cap_to_smaller"
     seed: int = 2025
     link: Literal["symlink", "copy"] = "symlink"
 
@@ -104,8 +113,10 @@ def build_holdout(
     rng = np.random.default_rng(cfg.seed)
     good = pool[pool.label == 0]
     defect = pool[pool.label == 1]
-    good = good.iloc[rng.permutation(len(good))[: cfg.n_good]]
-    defect = defect.iloc[rng.permutation(len(defect))[: cfg.n_defect]]
+    available = {"good": int(len(good)), "defect": int(len(defect))}
+    n_good, n_defect = holdout_counts(cfg, available["good"], available["defect"])
+    good = good.iloc[rng.permutation(len(good))[:n_good]]
+    defect = defect.iloc[rng.permutation(len(defect))[:n_defect]]
     chosen = pd.concat([good, defect])
     names = np.where(
         chosen.label == 0,
@@ -117,15 +128,26 @@ def build_holdout(
     info = {
         "requested": {"good": cfg.n_good, "defect": cfg.n_defect},
         "actual": {"good": int(len(good)), "defect": int(len(defect))},
+        "available": available,
+        "balance": cfg.balance,
         "excluded_sft_train": int(excluded.sum()),
         "seed": cfg.seed,
     }
-    if len(good) < cfg.n_good or len(defect) < cfg.n_defect:
+    if available["good"] < cfg.n_good or available["defect"] < cfg.n_defect:
         info["shortfall"] = (
-            f"asked for {cfg.n_good} good + {cfg.n_defect} defect, the test split (less SFT train) "
-            f"holds {len(good)} + {len(defect)}"
+            f"asked for {cfg.n_good} good + {cfg.n_defect} defect; test/ less the SFT training images holds "
+            f"{available['good']} + {available['defect']}; holdout.balance={cfg.balance} took "
+            f"{len(good)} + {len(defect)}"
         )
     return manifest, info
+
+
+def holdout_counts(cfg: HoldoutConfig, good: int, defect: int) -> tuple[int, int]:
+    """(goods, defects) the holdout takes when `good` and `defect` images are available."""
+    if cfg.balance == "as_available":
+        return min(cfg.n_good, good), min(cfg.n_defect, defect)
+    factor = min(1.0, good / cfg.n_good, defect / cfg.n_defect)
+    return min(good, int(cfg.n_good * factor + 1e-9)), min(defect, int(cfg.n_defect * factor + 1e-9))
 
 
 def build_ksdd2_balanced(images: pd.DataFrame, cfg: KSDD2Config, out_dir: Path) -> tuple[pd.DataFrame, dict]:

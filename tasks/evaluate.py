@@ -13,7 +13,7 @@ import pandas as pd
 from saec.artifacts.store import StageResult, write_json_atomic, write_table
 from saec.tasks.complexity import ComplexityConfig, complexity_scores
 from saec.tasks.metrics import classification_metrics
-from saec.tasks.report import markdown_summary, plot_systems
+from saec.tasks.report import breakdown, plot_breakdown, markdown_summary, plot_systems
 from saec.tasks.routing import RoutingConfig, complexity_quota, decisions_frame, merge_decisions, route_images
 from saec.tasks.stage import Built, stage
 from saec.tasks.telemetry import TelemetryConfig, energy_per_correct_mwh, measure
@@ -96,37 +96,55 @@ def system_row(system: str, decisions: pd.DataFrame, measurement: dict) -> dict:
     tel = measurement.get("telemetry", {})
     row = {"system": system, **m, "wall_s": measurement.get("wall_s"), "serial_s": measurement.get("serial_s"),
            "measured": measurement.get("measured", "executed")}  # fmt: skip
-    for k in ("gpu_util_avg", "gpu_power_avg_w", "cpu_mem_avg_gb", "cpu_percent_avg", "energy_wh", "energy_sources"):
+    for k in ("gpu_util_avg", "gpu_power_avg_w", "cpu_mem_added_gb", "cpu_mem_avg_gb", "cpu_percent_avg", "energy_wh",
+              "energy_sources"):
         row[k] = tel.get(k)
     row["energy_per_correct_mwh"] = energy_per_correct_mwh(tel.get("energy_wh"), m["correct"])
     return row
 
 
-METRIC_COLS = ["dataset", "system", "n", "correct", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "auroc",
+METRIC_COLS = ["dataset", "system", "n", "n_good", "n_defect", "correct", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "auroc",
                "cloud_share", "tn", "fp", "fn", "tp", "wall_s", "serial_s", "measured", "gpu_util_avg", "gpu_power_avg_w",
-               "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_avg_gb", "cpu_percent_avg"]  # fmt: skip
+               "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb", "cpu_mem_avg_gb",
+               "cpu_percent_avg"]  # fmt: skip
 
 
-def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.DataFrame], notes: list[str]):
+def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.DataFrame], notes: list[str],
+                 header: list[str] | None = None, labels: dict[str, str] | None = None):
     metrics = pd.DataFrame(rows).assign(dataset=dataset).reindex(columns=METRIC_COLS)
     metrics.to_parquet(out / "metrics.parquet", index=False)
-    pd.concat(decisions, ignore_index=True).pipe(write_table, "decisions", out / "decisions.parquet")
+    every = pd.concat(decisions, ignore_index=True)
+    every.pipe(write_table, "decisions", out / "decisions.parquet")
+    groups = breakdown(every).assign(dataset=dataset)
+    groups.to_parquet(out / "breakdown.parquet", index=False)
     title = f"SAEC evaluation: {dataset}"
-    plot_systems(metrics, out / "systems.png", title)
-    (out / "report.md").write_text(markdown_summary(metrics, title, notes))
+    plot_systems(metrics, out / "systems.png", title, labels)
+    plot_breakdown(groups, out / "breakdown.png", f"{title}: accuracy by category and defect type", labels or {})
+    (out / "report.md").write_text(markdown_summary(metrics, title, notes, header, groups, labels))
     write_json_atomic(out / "metrics.json", metrics.replace({np.nan: None}).to_dict("records"))
     files = {k: out / f for k, f in (("metrics", "metrics.parquet"), ("decisions", "decisions.parquet"),
-                                    ("figure", "systems.png"), ("markdown", "report.md"), ("json", "metrics.json"))}  # fmt: skip
-    return files, {"dataset": dataset, "systems": metrics.replace({np.nan: None}).to_dict("records"), "notes": notes}
+                                    ("breakdown", "breakdown.parquet"), ("figure", "systems.png"),
+                                    ("breakdown_figure", "breakdown.png"), ("markdown", "report.md"),
+                                    ("json", "metrics.json"))}  # fmt: skip
+    return files, {"dataset": dataset, "systems": metrics.replace({np.nan: None}).to_dict("records"), "notes": notes,
+                   "header": header or []}
 
 
 @stage("report", task="report")
 def report_task(
     out: Path, dataset: str, images: StageResult, outputs: dict[str, StageResult], measurements: dict[str, dict],
-    cloud_thr: float, notes: list[str],
+    cloud_thr: float, notes: list[str], labels: dict[str, str] | None = None,
 ) -> Built:  # fmt: skip
-    """Metrics per system, the figure, the markdown summary."""
-    labels = images.table("manifest")[["image_id", "label"]]
+    """Metrics per system, per category and per defect type, the figures, the markdown summary.
+
+    `labels` names systems in the tables and figures where the defaults would mislead (the
+    embedded stand-ins for the zero-shot models).
+    """
+    manifest = images.table("manifest")
+    n_good, n_defect = int((manifest.label == 0).sum()), int((manifest.label == 1).sum())
+    header = [f"Evaluation set: {len(manifest)} images, {n_good} good and {n_defect} defect."]
+    if images.info.get("shortfall"):
+        header.append(f"**Warning:** {images.info['shortfall']}.")
     rows, decisions, all_notes = [], [], list(notes)
     for system, res in outputs.items():
         if system == "saec":
@@ -137,8 +155,8 @@ def report_task(
                              f"serial sum of its stages {m['serial_s']:.2f} s")  # fmt: skip
         else:
             table = res.table("predictions" if system == "edge_only" else "scores")
-            d = baseline_decisions(labels, table, system, None if system == "edge_only" else cloud_thr)
+            d = baseline_decisions(manifest, table, system, None if system == "edge_only" else cloud_thr)
         rows.append(system_row(system, d, measurements[system]))
         decisions.append(d)
     all_notes.append("energy counted from: " + "; ".join(f"{r['system']}: {r['energy_sources']}" for r in rows))
-    return write_report(out, dataset, rows, decisions, all_notes)
+    return write_report(out, dataset, rows, decisions, all_notes, header, labels)

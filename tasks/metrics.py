@@ -28,6 +28,8 @@ def classification_metrics(decisions: pd.DataFrame) -> dict:
     acc_defect = tp / (tp + fn) if tp + fn else None
     out = {
         "n": n,
+        "n_good": tn + fp,
+        "n_defect": tp + fn,
         "correct": tp + tn,
         "accuracy": (tp + tn) / n if n else None,
         "acc_good": acc_good,

@@ -12,7 +12,7 @@ FIGURE_PANELS = [
     ("gpu_util_avg", "GPU util avg (%)", 1.0, False),
     ("gpu_power_avg_w", "GPU power avg (W)", 1.0, False),
     ("energy_per_correct_mwh", "Energy / correct (mWh)", 1.0, False),
-    ("cpu_mem_avg_gb", "CPU memory avg (GB)", 1.0, False),
+    ("cpu_mem_added_gb", "CPU memory added, peak (GB)", 1.0, False),
 ]
 SYSTEM_LABELS = {
     "edge_only": "Edge only (YOLO11-cls)",
@@ -22,7 +22,7 @@ SYSTEM_LABELS = {
     "saec": "SAEC",
 }
 SHOWN = ["system", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "auroc", "cloud_share", "wall_s",
-         "serial_s", "gpu_util_avg", "gpu_power_avg_w", "energy_per_correct_mwh", "energy_sources", "cpu_mem_avg_gb"]  # fmt: skip
+         "serial_s", "gpu_util_avg", "gpu_power_avg_w", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb"]  # fmt: skip
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -33,7 +33,7 @@ def _fmt(v, pct: bool = False) -> str:
     return str(v)
 
 
-def plot_systems(metrics: pd.DataFrame, path: Path, title: str) -> Path:
+def plot_systems(metrics: pd.DataFrame, path: Path, title: str, labels: dict[str, str] | None = None) -> Path:
     """One bar chart per measure, one bar per system; a measure nobody could take says so."""
     import matplotlib
 
@@ -41,7 +41,7 @@ def plot_systems(metrics: pd.DataFrame, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    names = [SYSTEM_LABELS.get(s, s) for s in metrics.system]
+    names = [(labels or {}).get(s, SYSTEM_LABELS.get(s, s)) for s in metrics.system]
     colours = ["#d62728" if s == "saec" else "#7f7f7f" for s in metrics.system]
     for ax, (col, label, scale, higher_better) in zip(axes.flat, FIGURE_PANELS):
         values = pd.to_numeric(metrics.get(col), errors="coerce") * scale
@@ -65,13 +65,82 @@ def plot_systems(metrics: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str]) -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
+def breakdown(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy of every system per category and per defect type ("good" for good images): one row
+    per (system, by, group) with its image counts."""
+    rows = []
+    for by in ("category", "defect_type"):
+        if decisions[by].isna().all():
+            continue
+        for (system, group), part in decisions.groupby(["system", by], sort=True):
+            rows.append({"system": system, "by": by, "group": str(group), "n": len(part),
+                         "n_good": int((part.label == 0).sum()), "n_defect": int((part.label == 1).sum()),
+                         "correct": int(part.correct.sum()), "accuracy": float(part.correct.mean())})
+    return pd.DataFrame(rows, columns=["system", "by", "group", "n", "n_good", "n_defect", "correct", "accuracy"])
+
+
+def _breakdown_markdown(table: pd.DataFrame, systems: list[str], labels: dict[str, str]) -> list[str]:
+    lines = []
+    for by, heading in (("category", "Accuracy by category (%)"), ("defect_type", "Accuracy by defect type (%)")):
+        part = table[table.by == by]
+        if part.empty:
+            continue
+        acc = part.pivot(index="group", columns="system", values="accuracy").reindex(columns=systems)
+        counts = part.drop_duplicates("group").set_index("group")[["n", "n_good", "n_defect"]]
+        head = [by, "images (good / defect)"] + [labels.get(s, SYSTEM_LABELS.get(s, s)) for s in systems]
+        lines += [f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for group, row in acc.iterrows():
+            c = counts.loc[group]
+            cells = [str(group), f"{c.n} ({c.n_good} / {c.n_defect})"] + [_fmt(v, pct=True) for v in row]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def plot_breakdown(table: pd.DataFrame, path: Path, title: str, labels: dict[str, str]) -> Path:
+    """Grouped bars: accuracy per category (left) and per defect type (right), one colour per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds = [by for by in ("category", "defect_type") if (table.by == by).any()]
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(8 + 6 * len(kinds), 5), squeeze=False)
+    systems = list(dict.fromkeys(table.system))
+    for ax, by in zip(axes.flat, kinds):
+        acc = table[table.by == by].pivot(index="group", columns="system", values="accuracy").reindex(columns=systems)
+        x = np.arange(len(acc))
+        width = 0.8 / max(1, len(systems))
+        for i, system in enumerate(systems):
+            ax.bar(x + i * width, 100 * acc[system].to_numpy(dtype=float), width,
+                   label=labels.get(system, SYSTEM_LABELS.get(system, system)))
+        ax.set_xticks(x + 0.4 - width / 2)
+        ax.set_xticklabels(acc.index, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"by {by.replace('_', ' ')}")
+    axes.flat[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header: list[str] | None = None,
+                     breakdown_table: pd.DataFrame | None = None, labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
+    lines = [f"# {title}", "", *(header or []), *([""] if header else []),
+             "| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     pct = {"accuracy", "balanced_accuracy", "acc_good", "acc_defect", "cloud_share"}
     for row in metrics.to_dict("records"):
-        cells = [SYSTEM_LABELS.get(row["system"], row["system"]) if c == "system" else _fmt(row.get(c), c in pct) for c in SHOWN]
+        name = labels.get(row["system"], SYSTEM_LABELS.get(row["system"], row["system"]))
+        cells = [name if c == "system" else _fmt(row.get(c), c in pct) for c in SHOWN]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy, shares and per-class accuracies in %. Wall time measured; serial_s is the sum of the "
               "measured stage times of the same run.", ""]  # fmt: skip
     lines += [f"- {n}" for n in notes]
+    if breakdown_table is not None and len(breakdown_table):
+        lines += ["", *_breakdown_markdown(breakdown_table, list(metrics.system), labels)]
     return "\n".join(lines) + "\n"

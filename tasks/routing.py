@@ -120,11 +120,21 @@ def merge_decisions(
 
 
 def decisions_frame(labels: pd.DataFrame, pred, score, system: str, branch, reason) -> pd.DataFrame:
+    """One decision per row of `labels` (an evaluation manifest: image_id, label, and where present
+    the image's path, its source file, category and defect type, carried into the table)."""
     label = labels.label.to_numpy(dtype=np.int8)
     pred = np.asarray(pred, dtype=np.int8)
+
+    def column(name: str) -> np.ndarray:
+        return labels[name].astype(str).to_numpy() if name in labels else np.full(len(labels), None, dtype=object)
+
     return pd.DataFrame(
         {
             "image_id": labels.image_id.to_numpy(),
+            "path": column("path"),
+            "source_path": column("source_path"),
+            "category": column("category"),
+            "defect_type": column("defect_type"),
             "label": label,
             "pred": pred,
             "correct": pred == label,

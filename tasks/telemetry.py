@@ -155,6 +155,9 @@ def summarize(samples: pd.DataFrame, sources: list[str]) -> dict:
         "cpu_percent_avg": float(samples.cpu_percent.mean()) if len(samples) else None,
         "cpu_mem_avg_gb": float(samples.rss_bytes.mean() / 1e9) if len(samples) else None,
         "cpu_mem_peak_gb": float(samples.rss_bytes.max() / 1e9) if len(samples) else None,
+        # what the measured work added: its peak resident memory over the process's at its start
+        # (the process's own size, Python and the libraries, is the same for every system)
+        "cpu_mem_added_gb": float((samples.rss_bytes.max() - samples.rss_bytes.iloc[0]) / 1e9) if len(samples) else None,
         "gpu_util_avg": None,
         "gpu_power_avg_w": None,
         "gpu_energy_wh": None,

@@ -350,7 +350,8 @@ def test_score_manifest_writes_the_declared_table(tiny, images, tmp_path):
     table = read_table(tmp_path / "scores.parquet")
     assert info["rows"] == 5 and list(table.image_id) == list(manifest.image_id)
     assert (table.model_id == model_identity(tiny)).all() and table.adapter_id.isna().all()
-    assert (table.pred == 1).all()  # threshold 0: every image is a defect verdict and gets an explanation
+    assert "pred" not in table and info["explain_threshold"] == 0.0  # P(defect) only; verdicts are the decisions'
+    # threshold 0: every image is a defect verdict and gets an explanation
     # an untrained model writes no valid JSON: every explanation is recorded as invalid, with its reason
     assert (table.explain_status == STATUS_INVALID).all() and table.explain_error.notna().all()
     assert table.explain_raw.notna().all() and table.explain_bboxes.isna().all()

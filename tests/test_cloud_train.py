@@ -546,3 +546,28 @@ def test_micro_batches_split_a_step_without_changing_its_gradient(tiny, sft, tmp
     assert auto.passes("cpu") == (2, 8) and auto.passes("cuda") == (16, 1)
     with pytest.raises(ValueError, match="micro_batch=3 must divide"):
         tiny_cfg(tiny, batch_size=2, grad_accum=8, micro_batch=3)
+
+
+def test_the_smaller_class_is_oversampled_to_balance_every_epoch(tiny, tmp_path):
+    """Three goods to one defect in the SFT data: each epoch trains on as many defects as goods
+    (repeats of the defects), the summary says both counts; balance=none trains as the data comes."""
+    from saec.tasks.cloud.train import balance_examples
+
+    lines = write_sft(tmp_path / "d", 16).read_text().splitlines()
+    kept = [ln for i, ln in enumerate(lines) if json.loads(ln)["label"] == 0 or i % 6 == 1]  # 8 good, 3 defect
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("\n".join(kept) + "\n")
+    summary = train_vlm(tiny_cfg(tiny, max_steps=1), data, None, tmp_path / "w", tmp_path / "o")
+    assert summary["class_counts"] == {"good": 8, "defect": 3}
+    assert summary["trained_on"] == {"good": 8, "defect": 8} and summary["examples"] == 16
+    plain = train_vlm(tiny_cfg(tiny, max_steps=1, balance="none"), data, None, tmp_path / "w2", tmp_path / "o2")
+    assert plain["trained_on"] == plain["class_counts"] and plain["examples"] == 11
+    # the repeats: every defect at least once more, none more than twice more, the same draw each time
+    from saec.tasks.cloud.models import load_processor
+
+    examples = build_examples(read_sft(data), load_processor(tiny))
+    balanced, _ = balance_examples(examples, tiny_cfg(tiny))
+    extra = [ex.image for ex in balanced[len(examples):]]
+    assert all(ex.label == 1 for ex in balanced[len(examples):]) and len(extra) == 5
+    assert {extra.count(img) for img in set(extra)} <= {1, 2} and len(set(extra)) == 3
+    assert [ex.image for ex in balance_examples(examples, tiny_cfg(tiny))[0]] == [ex.image for ex in balanced]

@@ -156,6 +156,11 @@ def test_one_cloud_verdict_threshold_for_scores_decisions_and_metrics():
     tuned = load_config(None, ["routing.cloud_thr=0.3"])
     assert tuned.score_config("m").threshold == 0.3 == tuned.score_config("m", baseline=True).threshold
     assert load_config(None, ["routing.cloud_thr=0.3", "cloud.score.threshold=0.3"]).score_config("m").threshold == 0.3
+    # the threshold keys a scoring stage only where it decides something there: which images get explained
+    assert tuned.score_config("m").cache_key_view() == embedded.score_config("m").cache_key_view()
+    explained = [load_config(None, [f"routing.cloud_thr={t}", "cloud.score.explain=true"]).score_config("m")
+                 for t in (0.3, 0.4)]
+    assert explained[0].cache_key_view() != explained[1].cache_key_view()
     with pytest.raises(ConfigError, match=r"cloud.score.threshold=0.26 differs from routing.cloud_thr=0.3"):
         load_config(None, ["routing.cloud_thr=0.3", "cloud.score.threshold=0.26"])
 

@@ -79,10 +79,20 @@ def test_holdout_draws_from_test_only_and_excludes_sft_train(scan, tmp_path):
             f"{row.category}__{row.defect_type}__{Path(row.source_path).name}"
         )
         assert p.name == expected
-    # asking for more than there is: everything available, and the shortfall said out loud
-    big, info = build_holdout(scan, ids, HoldoutConfig(n_good=500, n_defect=500, link="copy"), tmp_path / "big")
-    assert info["actual"]["good"] == int(((scan.split == "test") & (scan.label == 0)).sum())
-    assert "shortfall" in info and not any(Path(p).is_symlink() for p in big.path)
+    # asking for more than there is: as_available takes everything, and the shortfall is said out loud
+    goods = int(((scan.split == "test") & (scan.label == 0)).sum())
+    defects = int(((scan.split == "test") & (scan.label == 1) & ~scan.image_id.isin(ids)).sum())
+    assert goods != defects  # the two classes run short by different amounts: the modes differ
+    big, info = build_holdout(scan, ids, HoldoutConfig(n_good=500, n_defect=500, link="copy", balance="as_available"),
+                              tmp_path / "big")
+    assert info["actual"] == {"good": goods, "defect": defects} == info["available"]
+    assert "shortfall" in info and "as_available took" in info["shortfall"]
+    assert not any(Path(p).is_symlink() for p in big.path)
+    # the default keeps the asked 1:1 by cutting both classes to the smaller
+    capped, info = build_holdout(scan, ids, HoldoutConfig(n_good=500, n_defect=500), tmp_path / "capped")
+    assert info["actual"] == {"good": min(goods, defects), "defect": min(goods, defects)}
+    assert info["balance"] == "cap_to_smaller" and "cap_to_smaller took" in info["shortfall"]
+    assert set(capped.image_id) <= set(big.image_id)
     # same seed, same holdout
     again, _ = build_holdout(scan, ids, HoldoutConfig(n_good=4, n_defect=3, seed=2025), tmp_path / "h2")
     assert list(again.image_id) == list(manifest.image_id)

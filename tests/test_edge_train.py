@@ -174,3 +174,17 @@ def test_trained_model_is_kept_without_pickle(sft, trained, tmp_path, monkeypatc
     pa, pb = read_table(tmp_path / "a.parquet"), read_table(tmp_path / "b.parquet")
     np.testing.assert_array_equal(pa.p_defect, pb.p_defect)
     assert pa.verdict.tolist() == pb.verdict.tolist()
+
+
+def test_edge_training_shows_its_progress(sft, tmp_path, capfd):
+    """Ultralytics prints nothing here (verbose off): the stage's own bar gives epochs, the loss,
+    training images/s and validation accuracy; progress=False shows nothing."""
+    cfg = EdgeConfig(mode="supervised", imgsz=32, batch_size=5, progress=True,
+                     train={"epochs": 2, "batch": 8, "auto_augment": None})
+    train_edge(cfg, sft["train"], sft["val"], tmp_path / "w", tmp_path / "o")
+    err = capfd.readouterr().err
+    assert "edge training" in err and "2/2" in err
+    assert "loss=" in err and "img_s=" in err and "val_acc=" in err
+    quiet = cfg.model_copy(update={"progress": False})
+    train_edge(quiet, sft["train"], sft["val"], tmp_path / "w2", tmp_path / "o2")
+    assert "edge training" not in capfd.readouterr().err

@@ -43,6 +43,24 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     assert Path(report.path("figure")).stat().st_size > 10_000
     decisions = pd.read_parquet(report.path("decisions"))
     assert len(decisions) == 5 * n and set(decisions.system) == set(metrics.system)
+    # every decision names its image: the evaluation file, its source, category and defect type
+    manifest = first["holdout"].table("manifest").set_index("image_id")
+    assert (decisions.source_path == manifest.source_path.reindex(decisions.image_id).to_numpy()).all()
+    assert decisions.path.map(lambda p: Path(p).is_file()).all() and decisions.category.notna().all()
+    assert ((decisions.defect_type == "good") == (decisions.label == 0)).all()
+    # class counts in the metrics and the header; accuracy per category and per defect type
+    assert (metrics.n_good + metrics.n_defect == n).all()
+    assert (metrics.n_good == int((manifest.label == 0).sum())).all()
+    groups = pd.read_parquet(report.path("breakdown"))
+    by_cat = groups[(groups.by == "category") & (groups.system == "saec")].set_index("group")
+    assert set(by_cat.index) == set(manifest.category) and by_cat.n.sum() == n
+    expected = decisions[decisions.system == "saec"].groupby("category").correct.mean()
+    assert (by_cat.accuracy - expected.reindex(by_cat.index)).abs().max() < 1e-12
+    assert set(groups[groups.by == "defect_type"].group) == set(manifest.defect_type)
+    md = report.path("markdown").read_text()
+    assert f"Evaluation set: {n} images" in md and "## Accuracy by category (%)" in md
+    assert "## Accuracy by defect type (%)" in md and "embedded stand-in" in md
+    assert Path(report.path("breakdown_figure")).stat().st_size > 10_000
     routing = first["run"].record["stages"]["mvtec_holdout/routing"]
     assert sum(routing["info"]["reasons"].values()) == n
     assert all(s == "ran" for s in _states(first).values())

@@ -90,7 +90,7 @@ def test_telemetry_integrates_what_it_measured():
     s = summarize(samples, ["psutil", "nvml", "rapl"])
     assert s["gpu_energy_wh"] == pytest.approx(400.0 / 3600.0)  # trapezoids: 200 + 200 J
     assert s["cpu_energy_wh"] == pytest.approx(1.0) and s["energy_sources"] == "gpu,cpu"
-    assert s["cpu_mem_avg_gb"] == pytest.approx(2.0)
+    assert s["cpu_mem_avg_gb"] == pytest.approx(2.0) and s["cpu_mem_added_gb"] == pytest.approx(2.0)  # 3 GB peak - 1 at start
     assert energy_per_correct_mwh(s["energy_wh"], 10) == pytest.approx((1.0 + 400 / 3600) * 100)
     only_cpu = summarize(samples, ["psutil"])
     assert only_cpu["energy_wh"] is None and "none measurable" in only_cpu["energy_sources"]

@@ -240,6 +240,10 @@ class CloudTrainConfig(_Strict):
     gradient_checkpointing: bool = True
     # data
     resize: int | None = Field(512, ge=28, description="square side images are resized to before the processor")
+    balance: Literal["oversample", "none"] = Field(
+        "oversample", description="'oversample': repeat the smaller class's examples (each repeat drawn "
+                                  "anew, with its own augmentation) until both classes are as many in every "
+                                  "epoch; 'none': train on the classes as they come")
     augment: Literal["none", "flip", "dihedral"] = Field(
         "none", description="label-preserving geometric augmentation of training images (see the class notes)"
     )
@@ -321,7 +325,9 @@ class CloudScoreConfig(_Strict):
     """Scoring with the cloud model: P(defect) from the next-token logits of "0" and "1".
 
     Defaults are the SAEC run's: images resized to 512 x 512 (448 for the zero-shot baselines),
-    batches of 24, defect iff P(defect) >= 0.26. `impl="reference"` is the plain Hugging Face
+    batches of 24, defect iff P(defect) >= 0.26 (`threshold`: the verdicts `score()` returns and the
+    images that get explanations; a scores table keeps P(defect) only, and a pipeline sets the
+    threshold to `routing.cloud_thr`, the one its decisions use). `impl="reference"` is the plain Hugging Face
     forward (full-vocabulary logits everywhere); `impl="fast"` computes only the two label rows
     of the output layer at the last position of each row, and merges LoRA into the base weights
     when they are not quantized.
@@ -389,8 +395,11 @@ class CloudScoreConfig(_Strict):
         return value
 
     def cache_key_view(self) -> dict:
-        """As `_Strict.cache_key_view`; `devices` too: it spreads the same computation, it changes none."""
-        return self.model_dump(mode="json", exclude={"model", "adapter", "progress", "devices"})
+        """As `_Strict.cache_key_view`; not `devices` either (it spreads the same computation), nor
+        `threshold` unless explanations are asked for: the scores table keeps probabilities only,
+        and the threshold decides nothing else in it."""
+        exclude = {"model", "adapter", "progress", "devices"} | (set() if self.explain else {"threshold"})
+        return self.model_dump(mode="json", exclude=exclude)
 
     def load_config(self) -> ModelLoadConfig:
         return ModelLoadConfig(

@@ -98,7 +98,7 @@ def score_manifest_sharded(cfg: CloudScoreConfig, manifest, out_path: str | Path
     seconds = max(info["seconds"] for info in infos)
     first = infos[0]
     return {
-        "path": ref.path, "sha256": ref.sha256, "rows": len(table), "defects": int(table["pred"].sum()),
+        "path": ref.path, "sha256": ref.sha256, "rows": len(table), "explain_threshold": infos[0]["explain_threshold"],
         "seconds": seconds, "images_per_s": len(table) / seconds if seconds > 0 else None,
         "model_id": first["model_id"], "adapter_id": first["adapter_id"], "family": first["family"],
         "explanations_invalid": sum(info["explanations_invalid"] for info in infos),

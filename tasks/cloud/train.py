@@ -299,6 +299,23 @@ def _check_augment(cfg: CloudTrainConfig, examples: list[Example]) -> int:
     return n
 
 
+def balance_examples(examples: list[Example], cfg: CloudTrainConfig) -> tuple[list[Example], dict]:
+    """With `cfg.balance="oversample"`, the examples plus repeats of the smaller class's, drawn without
+    replacement (then again) from a generator seeded by `cfg.seed`, until both classes are as many;
+    returns them and {"class_counts": in the SFT data, "trained_on": per epoch}."""
+    counts = {"good": sum(ex.label == 0 for ex in examples), "defect": sum(ex.label == 1 for ex in examples)}
+    if cfg.balance == "none" or not counts["good"] or not counts["defect"] or counts["good"] == counts["defect"]:
+        return examples, {"class_counts": counts, "trained_on": dict(counts)}
+    minority = 0 if counts["good"] < counts["defect"] else 1
+    pool = [i for i, ex in enumerate(examples) if ex.label == minority]
+    need = abs(counts["good"] - counts["defect"])
+    rng = np.random.default_rng([cfg.seed, 0xBA1])
+    draws = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(need / len(pool)))])[:need]
+    balanced = examples + [examples[pool[j]] for j in draws]
+    bigger = max(counts.values())
+    return balanced, {"class_counts": counts, "trained_on": {"good": bigger, "defect": bigger}}
+
+
 def prepare_batch(processor, family: str, examples: list[Example], resize: int | None,
                   augs: list[Augmentation | None] | None = None, explain: ExplainTurn | None = None) -> dict:
     """Decode, resize (and augment by `augs`) and encode one micro-batch; adds `answer_mask` for the loss.
@@ -695,7 +712,7 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         raise ValueError("trainable='full' cannot train 4-bit weights: use quantization='none'")
     processor = loaded.processor
     processor.tokenizer.padding_side = "right"
-    examples = build_examples(rows, processor)
+    examples, classes = balance_examples(build_examples(rows, processor), cfg)
     augmented = _check_augment(cfg, examples)
     explained = sum(ex.explain is not None for ex in examples) if cfg.explain_turn else 0
     if cfg.explain_turn and not explained:
@@ -852,6 +869,8 @@ def train_vlm(cfg: CloudTrainConfig, train_jsonl: Path, val_jsonl: Path | None, 
         "total_steps": total_steps,
         "epochs_done": state.epoch,
         "examples": len(examples),
+        "class_counts": classes["class_counts"],
+        "trained_on": classes["trained_on"],
         "augmented_examples": augmented,
         "explained_examples": explained,
         "resumed_from_step": resumed_from,

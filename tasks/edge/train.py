@@ -172,6 +172,42 @@ def _process_settings_kept():
                 os.environ[key] = value
 
 
+def _progress(yolo, epochs: int, show: bool):
+    """A terminal bar over the epochs of an Ultralytics run (its own printing is off): the epoch's
+    mean training loss, training images/s and validation accuracy."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=epochs, desc="edge training", unit="epoch", disable=not show, dynamic_ncols=True)
+    started = {"t": time.perf_counter()}
+    stats: dict[str, str] = {}
+
+    def epoch_start(trainer) -> None:
+        started["t"] = time.perf_counter()
+
+    def epoch_end(trainer) -> None:  # after the training batches, before validation
+        loss = getattr(trainer, "tloss", None)  # a tensor, or {name: value} in newer Ultralytics
+        if isinstance(loss, dict):
+            loss = sum(float(v) for v in loss.values())
+        if loss is not None:
+            stats["loss"] = f"{float(loss.mean() if hasattr(loss, 'mean') else loss):.4f}"
+        loader = getattr(trainer, "train_loader", None)
+        seconds = time.perf_counter() - started["t"]
+        if loader is not None and seconds > 0:
+            stats["img_s"] = f"{len(loader.dataset) / seconds:.1f}"
+
+    def fit_end(trainer) -> None:  # after validation
+        top1 = (getattr(trainer, "metrics", None) or {}).get("metrics/accuracy_top1")
+        if top1 is not None:
+            stats["val_acc"] = f"{100 * float(top1):.1f}%"
+        bar.update(1)
+        bar.set_postfix(stats)
+
+    yolo.add_callback("on_train_epoch_start", epoch_start)
+    yolo.add_callback("on_train_epoch_end", epoch_end)
+    yolo.add_callback("on_fit_epoch_end", fit_end)
+    return bar
+
+
 def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, counts: dict) -> dict[str, Any]:
     import torch
 
@@ -180,6 +216,7 @@ def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, cou
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         yolo = ul.YOLO(cfg.weights, task="classify")
+    bar = _progress(yolo, t.epochs, cfg.progress)
     t0 = time.perf_counter()
     try:
         metrics = yolo.train(
@@ -203,6 +240,8 @@ def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, cou
     except Exception as exc:  # noqa: BLE001 - name the stage and the data it failed on
         folder = work_dir / "imagefolder"
         raise EdgeModelError(f"edge training failed on {folder}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        bar.close()
     train_s = time.perf_counter() - t0
 
     run_dir = Path(yolo.trainer.save_dir)
