@@ -70,6 +70,8 @@ MANIFEST = pa.schema(
 ROUTING = pa.schema(
     [
         ("image_id", _str),
+        ("path", _str),  # the evaluation set's file
+        ("source_path", _str),  # the file it was taken from
         ("complexity", _f64),
         ("complexity_rank", _i32),  # 0 = most complex
         ("branch", _str),  # "edge" | "cloud"

@@ -77,6 +77,8 @@ def test_unbalanced_grey_jpeg_folders_give_counts_warnings_and_a_per_category_re
     grid = decisions[decisions.category == "grid"]
     assert grid.source_path.str.endswith(".jpg").all() and grid.source_path.str.startswith(str(data)).all()
     assert decisions.path.map(lambda p: Path(p).is_file()).all()
+    routing = read_table(stages["mvtec_holdout/routing"]["outputs"]["routing"]["path"])
+    assert routing.source_path.str.startswith(str(data)).all() and routing.path.notna().all()
     groups = pd.read_parquet(report["outputs"]["breakdown"]["path"])
     saec = groups[(groups.system == "saec") & (groups.by == "defect_type")].set_index("group")
     assert saec.loc["good", "n"] == 6 and saec.n.sum() == 12
