@@ -732,6 +732,158 @@ def _render_ring(rng: np.random.Generator, s: int, defect: str | None,
 
 
 # --------------------------------------------------------------------------------------
+# the pretraining world: categories and defect kinds the embedded evaluation never shows.
+# Stand-in models learn "a part and what is wrong with it" here, then meet carpet, grid,
+# capsule and ring only when they are evaluated or fine-tuned.
+
+
+def _render_tile(rng: np.random.Generator, s: int, defect: str | None,
+                 vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
+    """Greyscale glazed floor tiles in a square grout grid."""
+    sc = s / 256.0
+    yy, xx = _coords(s, s)
+    pitch = rng.uniform(48.0, 72.0) * sc
+    ox, oy = rng.uniform(0, pitch, 2).tolist()
+    grout_w = rng.uniform(2.5, 4.0) * sc
+    fx, fy = np.mod(xx + ox, pitch), np.mod(yy + oy, pitch)
+    edge = np.minimum(np.minimum(fx, pitch - fx), np.minimum(fy, pitch - fy))
+    grout = np.clip(grout_w - edge + 0.5, 0.0, 1.0)
+    idx = (np.floor((xx + ox) / pitch) * 7 + np.floor((yy + oy) / pitch)).astype(np.int64)
+    shade = rng.normal(0.0, 1.0, 97).astype(np.float32)[idx % 97]
+    glaze = rng.uniform(150.0, 200.0) * (1.0 + 0.03 * shade + 0.02 * _smooth_noise(rng, s, s, 20 * sc))
+    glaze = glaze + 6.0 * _grain(rng, s, s, 0.8, 0.8)
+    bevel = 25.0 * np.exp(-(((edge - grout_w) / (1.5 * sc)) ** 2))
+    img = _mix(glaze + bevel, grout, rng.uniform(70.0, 100.0) + 8.0 * _grain(rng, s, s, 1.0, 1.0))
+    img = img * _lighting(rng, s, s, 0.08)
+    if defect is None:
+        return img, None
+    face = np.clip(edge - grout_w - 2.0 * sc, 0.0, 1.0)
+    cx, cy = (rng.uniform(0.15, 0.85, 2) * s).tolist()
+    if defect == "stain":
+        r = vis.extent(rng.uniform(8.0, 26.0) * sc)
+        a = _blob(rng, s, s, cx, cy, r, soft=r * 0.4, irregular=0.5, aspect=rng.uniform(0.6, 1.6))
+        out = _scale(img, a * face, vis.factor(rng.uniform(0.5, 0.75)))
+    elif defect == "spall":  # a flake of glaze gone at a tile corner or edge, rough and darker
+        r = vis.extent(rng.uniform(5.0, 13.0) * sc)
+        corner_x = np.round((cx + ox) / pitch) * pitch - ox
+        corner_y = np.round((cy + oy) / pitch) * pitch - oy
+        a = _blob(rng, s, s, corner_x + rng.normal(0, 2) * sc, corner_y + rng.normal(0, 2) * sc, r, soft=0.6,
+                  irregular=0.5)
+        rough = 1.0 + 0.25 * np.clip(_grain(rng, s, s, 0.7, 0.7), -2, 2)
+        out = _mix(img, a, vis.target(img, a, rng.uniform(60.0, 95.0) * rough))
+    elif defect == "hairline":  # a fine straight-ish fracture across one tile face
+        length = vis.extent(rng.uniform(20.0, 55.0) * sc)
+        path = _smooth_curve(rng, np.array([cx, cy]), rng.uniform(0, 2 * np.pi), length, 0.05, n=12)
+        a = _polyline_alpha(s, s, path, vis.width(1)) * face * vis.opacity(rng.uniform(0.75, 1.0))
+        out = _scale(img, a, vis.factor(rng.uniform(0.35, 0.6)))
+    else:
+        raise ValueError(f"tile has no defect type {defect!r}")
+    return img, out
+
+
+def _render_leather(rng: np.random.Generator, s: int, defect: str | None,
+                    vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
+    """RGB pebble-grain leather."""
+    sc = s / 256.0
+    cells = cv2.GaussianBlur(rng.standard_normal((s, s)).astype(np.float32), (0, 0), 2.2 * sc + 0.3)
+    cells = cells / max(float(cells.std()), 1e-6)
+    pebble = np.tanh(1.6 * cells)
+    fine = _grain(rng, s, s, 0.6, 0.6)
+    lum = 0.78 + 0.10 * pebble + 0.04 * fine + 0.05 * _smooth_noise(rng, s, s, 60 * sc)
+    base = np.array(_pick(rng, [(120.0, 78.0, 50.0), (60.0, 45.0, 40.0), (150.0, 120.0, 90.0), (95.0, 30.0, 28.0)]),
+                    np.float32) * rng.uniform(0.9, 1.1)
+    img = lum[..., None] * base * _lighting(rng, s, s, 0.08)[..., None]
+    if defect is None:
+        return img, None
+    cx, cy = (rng.uniform(0.15, 0.85, 2) * s).tolist()
+    if defect == "fold":  # a crease: a bright ridge beside a dark valley
+        length = vis.extent(rng.uniform(35.0, 100.0) * sc)
+        angle = rng.uniform(0, 2 * np.pi)
+        path = _smooth_curve(rng, np.array([cx, cy]), angle, length, 0.1, n=12)
+        t = vis.width(int(rng.integers(2, 4)) * sc)
+        offset = np.array([-np.sin(angle), np.cos(angle)]) * max(t, 1) * 1.2
+        valley = _polyline_alpha(s, s, path, t)
+        ridge = _polyline_alpha(s, s, path + offset, t)
+        out = _scale(img, ridge * (1.0 - valley), vis.factor(1.35))
+        out = _scale(out, valley, vis.factor(rng.uniform(0.45, 0.65)))
+    elif defect == "poke":  # a small puncture with a raised rim
+        r = vis.extent(rng.uniform(2.5, 6.0) * sc)
+        core = _blob(rng, s, s, cx, cy, r, soft=0.5, irregular=0.25)
+        rim = np.clip(_blob(rng, s, s, cx, cy, r * 1.8, soft=0.8, irregular=0.25) - core, 0.0, 1.0)
+        out = _scale(img, rim, vis.factor(1.3))
+        out = _mix(out, core, vis.target(out, core, rng.uniform(10.0, 30.0)))
+    elif defect == "scuff":  # a worn, lighter patch where the grain is rubbed flat
+        r = vis.extent(rng.uniform(10.0, 28.0) * sc)
+        a = _blob(rng, s, s, cx, cy, r, soft=r * 0.35, irregular=0.45, aspect=rng.uniform(1.2, 2.4))
+        flat = (0.85 + 0.04 * fine)[..., None] * base * 1.25
+        out = _mix(img, a * vis.opacity(rng.uniform(0.6, 0.95)), vis.target(img, a, flat))
+    else:
+        raise ValueError(f"leather has no defect type {defect!r}")
+    return img, out
+
+
+def _render_pill(rng: np.random.Generator, s: int, defect: str | None,
+                 vis: Visibility = _REFERENCE) -> tuple[Array, Array | None]:
+    """An RGB round or oval tablet, lit from one side, on a dark tray."""
+    sc = s / 256.0
+    yy, xx = _coords(s, s)
+    cx, cy = s / 2 + rng.normal(0, 3.0) * sc, s / 2 + rng.normal(0, 3.0) * sc
+    rx = rng.uniform(0.30, 0.38) * s
+    ry = rx * (rng.uniform(0.55, 0.75) if rng.random() < 0.5 else 1.0)
+    angle = rng.uniform(0, np.pi)
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = ((xx - cx) * ca + (yy - cy) * sa) / rx
+    v = (-(xx - cx) * sa + (yy - cy) * ca) / ry
+    rho = np.sqrt(u * u + v * v)
+    body = np.clip((1.0 - rho) * min(rx, ry) + 0.5, 0.0, 1.0)
+    light = rng.uniform(0, 2 * np.pi)
+    dome = np.sqrt(np.clip(1.0 - rho * rho, 0.0, 1.0))
+    shading = 0.75 + 0.25 * dome + 0.12 * (u * math.cos(light) + v * math.sin(light)) * dome
+    colour = np.array(_pick(rng, [(235.0, 232.0, 225.0), (230.0, 200.0, 120.0), (200.0, 90.0, 80.0),
+                                  (150.0, 180.0, 220.0)]), np.float32)
+    surf = (shading * (1.0 + 0.015 * _grain(rng, s, s, 0.8, 0.8)))[..., None] * colour
+    tray = (rng.uniform(30.0, 55.0) * (1.0 + 0.1 * _smooth_noise(rng, s, s, 40 * sc)))[..., None] * np.ones(3, np.float32)
+    shade = _shadow(body, 4.0 * sc * math.cos(light + np.pi), 4.0 * sc * math.sin(light + np.pi), 4.0 * sc)
+    gain = _lighting(rng, s, s, 0.06)[..., None]
+
+    def compose(bite: Array | None = None) -> Array:
+        a = body if bite is None else body * (1.0 - bite)
+        return _mix(_scale(tray, shade, 0.5), a, surf) * gain
+
+    clean = compose()
+    if defect is None:
+        return clean, None
+    inside = _erode(body, max(int(4 * sc), 1))
+    t, rr = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0.0, 0.6))
+    px = cx + rr * (rx * math.cos(t) * ca - ry * math.sin(t) * sa)
+    py = cy + rr * (rx * math.cos(t) * sa + ry * math.sin(t) * ca)
+    if defect == "speck":  # dark or coloured particles pressed into the tablet
+        a = np.zeros((s, s), np.float32)
+        for _ in range(int(rng.integers(1, 4))):
+            r = vis.extent(rng.uniform(1.5, 4.0) * sc)
+            a = np.maximum(a, _blob(rng, s, s, px + rng.normal(0, 6) * sc, py + rng.normal(0, 6) * sc, r, soft=0.5))
+        a = a * inside
+        out = _mix(clean, a, vis.target(clean, a, np.array(_pick(rng, [(40, 35, 30), (90, 60, 40), (30, 40, 90)]),
+                                                             np.float32)))
+    elif defect == "dent":  # a pressed-in hollow: shadowed on the lit side, brighter on the other
+        r = vis.extent(rng.uniform(6.0, 15.0) * sc)
+        a = _blob(rng, s, s, px, py, r, soft=r * 0.3, irregular=0.3) * inside
+        lit = _shadow(a, 2.0 * sc * math.cos(light), 2.0 * sc * math.sin(light), 1.0 * sc)
+        out = _scale(clean, np.clip(a - lit, 0.0, 1.0), vis.factor(0.6))
+        out = _scale(out, np.clip(lit - a, 0.0, 1.0) * inside, vis.factor(1.2))
+    elif defect == "split":  # broken across: a wedge of the tablet missing from the rim inwards
+        edge_t = rng.uniform(0, 2 * np.pi)
+        ex = cx + rx * math.cos(edge_t) * ca - ry * math.sin(edge_t) * sa
+        ey = cy + rx * math.cos(edge_t) * sa + ry * math.sin(edge_t) * ca
+        r = vis.extent(rng.uniform(8.0, 20.0) * sc)
+        bite = _polygon_alpha(s, s, _blob_outline(rng, ex, ey, r, 0.6, n=7), 0.5)
+        out = compose(bite)
+    else:
+        raise ValueError(f"pill has no defect type {defect!r}")
+    return clean, out
+
+
+# --------------------------------------------------------------------------------------
 # KolektorSDD2-like: brushed grey surface, tall and narrow
 
 
@@ -808,9 +960,14 @@ CATEGORIES: dict[str, CategorySpec] = {
         CategorySpec("grid", "L", "texture", ("bent", "broken", "glue", "metal_contamination"), _render_grid),
         CategorySpec("capsule", "RGB", "object", ("crack", "faulty_imprint", "misplaced", "scratch"), _render_capsule),
         CategorySpec("ring", "L", "object", ("chip", "contamination", "crack", "scratch"), _render_ring),
+        CategorySpec("tile", "L", "texture", ("hairline", "spall", "stain"), _render_tile),
+        CategorySpec("leather", "RGB", "texture", ("fold", "poke", "scuff"), _render_leather),
+        CategorySpec("pill", "RGB", "object", ("dent", "speck", "split"), _render_pill),
     )
 }
 DEFAULT_CATEGORIES: tuple[str, ...] = ("carpet", "grid", "capsule", "ring")
+# categories with their own defect kinds, for pretraining stand-in models (never in the embedded evaluation)
+WORLD_CATEGORIES: tuple[str, ...] = ("tile", "leather", "pill")
 KSDD2_MODE: Literal["RGB"] = "RGB"  # the real set stores 3-channel PNGs of grey surfaces
 
 

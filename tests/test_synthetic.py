@@ -311,7 +311,7 @@ def _change(smp) -> np.ndarray:
 
 def test_reference_visibility_reproduces_earlier_output_bit_for_bit(tmp_path: Path) -> None:
     got = {}
-    for cat in sorted(CATEGORIES):
+    for cat in sorted(DEFAULT_CATEGORIES):  # the pretraining world's categories are not pinned
         for dtype in ("good", *CATEGORIES[cat].defect_types):
             rng = sample_rng(2025, "digest", cat, dtype, 0)
             got[f"{cat}/{dtype}"] = _digest(render_mvtec_sample(cat, dtype, rng, 256, visibility=1.0))
@@ -393,3 +393,17 @@ def test_higher_visibility_survives_downscaling() -> None:
                 n += int(((diff.max(axis=2) if diff.ndim == 3 else diff) >= 20).sum())
             counts[v] = n
         assert counts[2.5] > 2 * counts[1.0], f"{cat}/{dtype}: changed 112 px pixels {counts}"
+
+
+def test_the_pretraining_world_shares_no_category_or_defect_kind_with_the_evaluation() -> None:
+    """Stand-ins pretrained on the world draw meet the embedded categories and defects only when
+    evaluated: what they score there is transfer, not memory."""
+    from saec.datasets.synthetic import WORLD_CATEGORIES
+
+    shown = {d for c in DEFAULT_CATEGORIES for d in CATEGORIES[c].defect_types}
+    world = {d for c in WORLD_CATEGORIES for d in CATEGORIES[c].defect_types}
+    assert set(WORLD_CATEGORIES).isdisjoint(DEFAULT_CATEGORIES) and world.isdisjoint(shown)
+    assert {CATEGORIES[c].kind for c in WORLD_CATEGORIES} == {"texture", "object"}
+    assert {CATEGORIES[c].mode for c in WORLD_CATEGORIES} == {"L", "RGB"}
+    cfg = SyntheticConfig(categories=list(WORLD_CATEGORIES))  # a world draw is an ordinary configuration
+    assert cfg.categories == list(WORLD_CATEGORIES)
