@@ -153,6 +153,28 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Argument(help="folder to export the stand-ins and provenance.json into")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the embedded stand-in models on the pretraining world (`pretrain.*`) and export them."""
+    cfg = _load(config, set_)
+    _start(cfg)
+    from saec.flows.pretrain import pretrain_flow
+
+    t0 = time.perf_counter()
+    result = pretrain_flow(cfg, out)
+    console.print(_stage_table(result["run"].record))
+    record = result["provenance"]
+    for name, metrics in record["metrics_on_world_val"].items():
+        console.print(f"{name}: {metrics}")
+    size = sum(f["bytes"] for f in record["files"].values())
+    console.print(f"exported {len(record['files'])} files, {size / 2**20:.1f} MiB, to {out} "
+                  f"(provenance.json); done in {time.perf_counter() - t0:.1f} s")
+
+
 def _results_table(name: str, systems: list[dict]) -> Table:
     first = systems[0] if systems else {}
     counts = f" ({first.get('n_good')} good, {first.get('n_defect')} defect)" if "n_good" in first else ""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saec.datasets.synthetic import SyntheticConfig
+from saec.datasets.synthetic import DEFAULT_CATEGORIES, SyntheticConfig
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
 from saec.tasks.complexity import ComplexityConfig
 from saec.tasks.data import HoldoutConfig, KSDD2Config, ScanConfig
@@ -31,6 +31,12 @@ SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 # holdout the seed's 500 + 500 from the rest.
 EMBEDDED_SYNTHETIC = dict(
     mvtec_size=128, defect_visibility=6.0, n_train_good=160, n_test_good=160, n_test_defect_per_type=80
+)
+# The pretraining world: its own categories, defect kinds and generator seed, the embedded look
+# (size, visibility) and about as many images (3 categories x 3 defect kinds here, 4 x 4 there).
+WORLD_SYNTHETIC = dict(
+    seed=7, categories=["tile", "leather", "pill"], mvtec_size=128, defect_visibility=6.0,
+    n_train_good=200, n_test_good=60, n_test_defect_per_type=140,
 )
 # The embedded cloud model's verdict threshold. The seed's 0.26 is calibrated for the 7B
 # model's probabilities on real MVTec AD; the tiny model learns from scratch on a 1:1 SFT split,
@@ -227,6 +233,58 @@ class FaultsConfig(BaseModel):
         return value
 
 
+class PretrainConfig(BaseModel):
+    """`saec pretrain`: the embedded stand-ins trained on the pretraining world (see flows/pretrain.py).
+
+    `world` is a synthetic draw of categories and defect kinds that the embedded evaluation never
+    shows, from its own generator seed; every weight of the tiny Qwen2.5-VL and the tiny LLaVA
+    trains from random (`trainable="full"`), and the edge classifier from its model definition.
+    `cloud` and `llava` override fields of their training recipes (`CloudTrainConfig`), `edge`
+    fields of the edge's training (`EdgeTrainConfig`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    world: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**WORLD_SYNTHETIC))
+    cloud: dict[str, Any] = Field(default_factory=dict)
+    llava: dict[str, Any] = Field(default_factory=dict)
+    edge: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("world")
+    @classmethod
+    def _world_only(cls, value: SyntheticConfig) -> SyntheticConfig:
+        shown = sorted(set(value.categories) & set(DEFAULT_CATEGORIES))
+        if shown:
+            raise ValueError(f"pretrain.world.categories holds {shown}, which the embedded evaluation uses: "
+                             "a stand-in pretrained on them would be scored on what it memorised")
+        return value
+
+    @model_validator(mode="after")
+    def _recipes(self) -> "PretrainConfig":
+        errors = []  # bad overrides fail here, before any work, each named by its full path
+        for section, build in (("cloud", lambda: self.recipe("model", "qwen")),
+                               ("llava", lambda: self.recipe("model", "llava")), ("edge", self.edge_config)):
+            try:
+                build()
+            except ValidationError as exc:
+                errors += [f"pretrain.{section}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def recipe(self, model_path: str, which: Literal["qwen", "llava"]) -> CloudTrainConfig:
+        """Training from random weights, every weight (`trainable="full"`), with the embedded recipe's
+        numerics and turns (the world's categories have no orientation: every image may turn)."""
+        values = {"trainable": "full", "train_output_layer": False, "augment_categories": None,
+                  "checkpoint_every": 50}
+        if which == "llava":
+            values |= {"resize": None}  # the tiny LLaVA's processor sizes its images itself
+        return CloudTrainConfig.tiny(model_path, **values, **(self.cloud if which == "qwen" else self.llava))
+
+    def edge_config(self) -> EdgeConfig:
+        """The embedded edge (YOLO11n-cls from its model definition, supervised), trained on the world."""
+        return EdgeConfig(train={**EdgeConfig().train.model_dump(), **self.edge})
+
+
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(Path("artifacts/store"), description="artifact store folder (git-ignored)")
@@ -247,6 +305,7 @@ class PipelineConfig(BaseModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _embedded_threshold(self) -> "PipelineConfig":
