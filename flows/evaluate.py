@@ -144,7 +144,7 @@ def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResu
         notes.append("edge.mode=imagenet_rule: a defect verdict cannot pass the keep test, so keep_bidir has no effect")
     report = call_stage(run, report_task, name=f"{name}/report", store=store, dataset=name, images=images,
                         outputs=outputs, measurements=measurements, cloud_thr=cfg.routing.cloud_thr, notes=notes,
-                        labels=system_labels(cfg))  # fmt: skip
+                        labels=system_labels(cfg), shortfall=images.info.get("shortfall"))  # fmt: skip
     _publish(name, report)
     return report
 

@@ -44,8 +44,9 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def _files(folder: Path) -> dict[str, dict]:
+    """Every file of the exported models (the folders of EXPORTED; nothing else under `folder`)."""
     return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != PROVENANCE}  # fmt: skip
+            for name in EXPORTED for p in sorted((folder / name).rglob("*")) if p.is_file()}  # fmt: skip
 
 
 def export_pretrained(out: Path, trained: dict, cfg: PipelineConfig, run_id: str, code_version: str) -> dict:

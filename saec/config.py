@@ -278,7 +278,7 @@ class PretrainConfig(BaseModel):
                   "checkpoint_every": 50}
         if which == "llava":
             values |= {"resize": None}  # the tiny LLaVA's processor sizes its images itself
-        return CloudTrainConfig.tiny(model_path, **values, **(self.cloud if which == "qwen" else self.llava))
+        return CloudTrainConfig.tiny(model_path, **(values | (self.cloud if which == "qwen" else self.llava)))
 
     def edge_config(self) -> EdgeConfig:
         """The embedded edge (YOLO11n-cls from its model definition, supervised), trained on the world."""

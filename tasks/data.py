@@ -31,6 +31,10 @@ class LeakageError(ActionableError, RuntimeError):
     """An evaluation image is also a training image."""
 
 
+class HoldoutError(ActionableError, ValueError):
+    """The holdout cannot be drawn from the test split as it is."""
+
+
 class HoldoutConfig(BaseModel):
     """The MVTec AD binary holdout, drawn from `test/` only (seed: 500 + 500, seed 2025).
 
@@ -114,6 +118,11 @@ def build_holdout(
     good = pool[pool.label == 0]
     defect = pool[pool.label == 1]
     available = {"good": int(len(good)), "defect": int(len(defect))}
+    missing = [k for k, v in available.items() if not v]
+    if missing:
+        raise HoldoutError(f"the MVTec test/ folders (less the SFT training images) hold no {' and no '.join(missing)} "
+                           "images: the holdout needs both classes; add test/good images, or defect images "
+                           "(lower sft.defect_train_ratio to keep more defects out of training)")
     n_good, n_defect = holdout_counts(cfg, available["good"], available["defect"])
     good = good.iloc[rng.permutation(len(good))[:n_good]]
     defect = defect.iloc[rng.permutation(len(defect))[:n_defect]]

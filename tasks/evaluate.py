@@ -136,7 +136,7 @@ def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.D
 @stage("report", task="report")
 def report_task(
     out: Path, dataset: str, images: StageResult, outputs: dict[str, StageResult], measurements: dict[str, dict],
-    cloud_thr: float, notes: list[str], labels: dict[str, str] | None = None,
+    cloud_thr: float, notes: list[str], labels: dict[str, str] | None = None, shortfall: str | None = None,
 ) -> Built:  # fmt: skip
     """Metrics per system, per category and per defect type, the figures, the markdown summary.
 
@@ -146,8 +146,8 @@ def report_task(
     manifest = images.table("manifest")
     n_good, n_defect = int((manifest.label == 0).sum()), int((manifest.label == 1).sum())
     header = [f"Evaluation set: {len(manifest)} images, {n_good} good and {n_defect} defect."]
-    if images.info.get("shortfall"):
-        header.append(f"**Warning:** {images.info['shortfall']}.")
+    if shortfall:  # a parameter, not read from `images`: two requests can give the same set
+        header.append(f"**Warning:** {shortfall}.")
     rows, decisions, all_notes = [], [], list(notes)
     for system, res in outputs.items():
         if system == "saec":

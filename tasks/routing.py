@@ -126,7 +126,10 @@ def decisions_frame(labels: pd.DataFrame, pred, score, system: str, branch, reas
     pred = np.asarray(pred, dtype=np.int8)
 
     def column(name: str) -> np.ndarray:
-        return labels[name].astype(str).to_numpy() if name in labels else np.full(len(labels), None, dtype=object)
+        if name not in labels:
+            return np.full(len(labels), None, dtype=object)
+        values = labels[name]
+        return values.astype(object).where(values.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
 
     return pd.DataFrame(
         {

@@ -525,8 +525,8 @@ def test_micro_batches_split_a_step_without_changing_its_gradient(tiny, sft, tmp
     from safetensors.torch import load_file
 
     outs, logs = {}, {}
-    for micro, accum, per_pass in ((4, 1, 4), (2, 2, 2)):
-        cfg = tiny_cfg(tiny, batch_size=4 // accum, grad_accum=accum, micro_batch=per_pass, max_steps=2,
+    for micro, accum, per_pass in ((4, 1, 4), (2, 2, 2)):  # the same recipe (4 images a step), split or not
+        cfg = tiny_cfg(tiny, batch_size=4, grad_accum=1, micro_batch=per_pass, max_steps=2,
                        lora_dropout=0.0, lr=1e-2)
         summary = train_vlm(cfg, sft, None, tmp_path / f"work{micro}", tmp_path / f"out{micro}")
         assert (summary["images_per_pass"], summary["passes_per_step"], summary["steps"]) == (per_pass, accum, 2)

@@ -93,6 +93,12 @@ def test_holdout_draws_from_test_only_and_excludes_sft_train(scan, tmp_path):
     assert info["actual"] == {"good": min(goods, defects), "defect": min(goods, defects)}
     assert info["balance"] == "cap_to_smaller" and "cap_to_smaller took" in info["shortfall"]
     assert set(capped.image_id) <= set(big.image_id)
+    # a test split without goods cannot give a holdout: one line that says why and what to do
+    from saec.tasks.data import HoldoutError
+
+    no_goods = scan[~((scan.split == "test") & (scan.label == 0))]
+    with pytest.raises(HoldoutError, match="hold no good images: the holdout needs both classes"):
+        build_holdout(no_goods, ids, HoldoutConfig(), tmp_path / "none")
     # same seed, same holdout
     again, _ = build_holdout(scan, ids, HoldoutConfig(n_good=4, n_defect=3, seed=2025), tmp_path / "h2")
     assert list(again.image_id) == list(manifest.image_id)

@@ -208,7 +208,8 @@ class CloudTrainConfig(_Strict):
     grad_accum: int = Field(8, ge=1)
     micro_batch: int | Literal["auto"] = Field(
         "auto", description="images per forward and backward pass; the optimizer still steps once per "
-                            "batch_size x grad_accum images, so the recipe is the same whatever it is. "
+                            "batch_size x grad_accum images, so the recipe is the same whatever it is (with "
+                            "label answers; see `passes`). "
                             "'auto' = the whole batch in one pass on CUDA (16 images of 512 px took 11.2 GB with "
                             "the 7B model in NF4), batch_size on a CPU; a GPU short of memory takes a "
                             "smaller divisor of the batch")
@@ -243,9 +244,9 @@ class CloudTrainConfig(_Strict):
     # data
     resize: int | None = Field(512, ge=28, description="square side images are resized to before the processor")
     balance: Literal["oversample", "none"] = Field(
-        "oversample", description="'oversample': repeat the smaller class's examples (each repeat drawn "
-                                  "anew, with its own augmentation) until both classes are as many in every "
-                                  "epoch; 'none': train on the classes as they come")
+        "oversample", description="'oversample': repeat the smaller class's examples (the repeats drawn "
+                                  "once, seeded, each with its own augmentation every epoch) until both "
+                                  "classes are as many in every epoch; 'none': train on the classes as they come")
     augment: Literal["none", "flip", "dihedral"] = Field(
         "none", description="label-preserving geometric augmentation of training images (see the class notes)"
     )
@@ -277,8 +278,10 @@ class CloudTrainConfig(_Strict):
         """(images per pass, passes per optimizer step) on a device of this type.
 
         Every optimizer step sees batch_size x grad_accum images, and the loss is the mean of the
-        passes' means, so a step's gradient does not depend on how the batch is split (each
-        example carries as many answer tokens as any other). Larger passes keep a GPU busy: the
+        passes' means, so a step's gradient does not depend on how the batch is split where every
+        example carries as many answer tokens as any other, which holds for the label answers. With
+        `explain_turn` the examples' answers differ in length and the split weighs them a little
+        differently; so does the last, shorter step of an epoch. Larger passes keep a GPU busy: the
         recipe's 2 images per pass left an H200 at a quarter of its training rate
         (benchmarks/results/real_size_qlora_h200.json).
         """
@@ -397,10 +400,11 @@ class CloudScoreConfig(_Strict):
         return value
 
     def cache_key_view(self) -> dict:
-        """As `_Strict.cache_key_view`; not `devices` either (it spreads the same computation), nor
-        `threshold` unless explanations are asked for: the scores table keeps probabilities only,
-        and the threshold decides nothing else in it."""
-        exclude = {"model", "adapter", "progress", "devices"} | (set() if self.explain else {"threshold"})
+        """As `_Strict.cache_key_view`, and not `threshold` unless explanations are asked for: the scores
+        table keeps probabilities only, and the threshold decides nothing else in it. `devices` stays:
+        the scores are the same (shards are cut at batch boundaries), but the stage's measured time
+        and telemetry are those of the devices it ran on."""
+        exclude = {"model", "adapter", "progress"} | (set() if self.explain else {"threshold"})
         return self.model_dump(mode="json", exclude=exclude)
 
     def load_config(self) -> ModelLoadConfig:

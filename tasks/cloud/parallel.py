@@ -34,10 +34,12 @@ def resolve_devices(cfg: CloudScoreConfig) -> list[str]:
     return list(cfg.devices)
 
 
-def shard_bounds(n: int, k: int) -> list[tuple[int, int]]:
-    """[lo, hi) of k contiguous shards of n rows, sizes differing by at most one; empty shards dropped."""
-    edges = np.linspace(0, n, k + 1).round().astype(int)
-    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+def shard_bounds(n: int, k: int, batch: int = 1) -> list[tuple[int, int]]:
+    """[lo, hi) of k contiguous shards of n rows, cut at multiples of `batch` (so every batch is the one
+    a single process would form, and so is every score), as even as that allows; empty shards dropped."""
+    batches = -(-n // batch)
+    edges = [min(n, int(round(batches * i / k)) * batch) for i in range(k + 1)]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
 def _init_worker(threads: int) -> None:
@@ -72,7 +74,7 @@ def score_manifest_sharded(cfg: CloudScoreConfig, manifest, out_path: str | Path
     from saec.tasks.cloud.engine import VLMScorer
 
     devices = resolve_devices(cfg)
-    bounds = shard_bounds(len(manifest), len(devices))
+    bounds = shard_bounds(len(manifest), len(devices), cfg.batch_size)
     if len(bounds) < 2:
         one = cfg.model_copy(update={"device": devices[0], "devices": None})
         return VLMScorer(one).score_manifest(manifest, out_path) | {"devices": devices[:1]}

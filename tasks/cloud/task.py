@@ -117,8 +117,10 @@ def score_cloud(
         from saec.tasks.cloud.parallel import resolve_devices, score_manifest_sharded
 
         pin_torch_threads()
-        if len(resolve_devices(run_cfg)) > 1:  # one process per device, each loading its own copy
+        devices = resolve_devices(run_cfg)
+        if len(devices) > 1:  # one process per device, each loading its own copy
             return score_manifest_sharded(run_cfg, manifest, out / "scores.parquet")
-        return _scorer(run_cfg.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
+        here = run_cfg.model_copy(update={"device": devices[0], "devices": None})
+        return _scorer(here.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
 
     return measured_stage(out, "scores", "cloud_scores", len(manifest), compute, telemetry, label)
