@@ -51,11 +51,8 @@ def quota_task(out: Path, images: StageResult, table: str, complexity: StageResu
 def route_task(out: Path, images: StageResult, table: str, quota: StageResult, edge: StageResult, rule: dict) -> Built:
     """The routing table (branch and reason per image) and the manifest of images the edge was unsure of."""
     cfg = RoutingConfig(**rule)
-    routing = route_images(pd.read_parquet(quota.path("ranked")), edge.table("predictions"), cfg)
     manifest = images.table(table)
-    where = manifest.set_index("image_id").reindex(routing.image_id)
-    routing.insert(1, "path", where.path.to_numpy())
-    routing.insert(2, "source_path", where.source_path.to_numpy())
+    routing = route_images(pd.read_parquet(quota.path("ranked")), edge.table("predictions"), cfg, manifest)
     uncertain = set(routing.image_id[routing.reason == "edge_uncertain"])
     files = {
         "routing": Path(write_table(routing, "routing", out / "routing.parquet").path),

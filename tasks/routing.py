@@ -60,11 +60,13 @@ def edge_keeps(edge: pd.DataFrame, cfg: RoutingConfig) -> pd.Series:
     return good | (defect & cfg.keep_bidir)
 
 
-def route_images(ranked: pd.DataFrame, edge: pd.DataFrame, cfg: RoutingConfig) -> pd.DataFrame:
+def route_images(ranked: pd.DataFrame, edge: pd.DataFrame, cfg: RoutingConfig,
+                 manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     """The routing table: one row per image with its branch and the reason for it.
 
     `ranked` comes from `complexity_quota`; `edge` holds the edge's measures for (at least)
-    every image not sent to the cloud by the quota.
+    every image not sent to the cloud by the quota; `manifest`, where given, the images' paths
+    (`path`, `source_path`), which the table carries (null without it).
     """
     e = edge.set_index("image_id")
     need = ranked.loc[~ranked.to_cloud, "image_id"]
@@ -81,9 +83,13 @@ def route_images(ranked: pd.DataFrame, edge: pd.DataFrame, cfg: RoutingConfig) -
         np.where(kept, np.where(verdict == 1, "edge_confident_defect", "edge_confident_good"), "edge_uncertain"),
     )
     branch = np.where(to_cloud | ~kept, "cloud", "edge")
+    where = manifest.set_index("image_id").reindex(ranked.image_id) if manifest is not None else None
+    none = np.full(len(ranked), None, dtype=object)
     return pd.DataFrame(
         {
             "image_id": ranked.image_id.to_numpy(),
+            "path": where.path.to_numpy() if where is not None else none,
+            "source_path": where.source_path.to_numpy() if where is not None and "source_path" in where else none,
             "complexity": ranked.complexity.to_numpy(dtype=float),
             "complexity_rank": ranked.complexity_rank.to_numpy(),
             "branch": branch,

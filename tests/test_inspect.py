@@ -10,7 +10,10 @@ from saec.inspect import compare_runs, metrics_frame, read_run_table, resolve_ru
 
 
 def _decisions(n: int, wrong: int) -> pd.DataFrame:
-    return pd.DataFrame({"image_id": [f"{i:064x}" for i in range(n)], "label": [i % 2 for i in range(n)],
+    return pd.DataFrame({"image_id": [f"{i:064x}" for i in range(n)], "path": [f"val/{i}.png" for i in range(n)],
+                         "source_path": [f"src/{i}.png" for i in range(n)], "category": "c",
+                         "defect_type": ["good" if i % 2 == 0 else "scratch" for i in range(n)],
+                         "label": [i % 2 for i in range(n)],
                          "pred": [(i % 2) ^ (i < wrong) for i in range(n)], "correct": [i >= wrong for i in range(n)],
                          "branch": "edge", "reason": "edge_confident", "score": 0.5, "system": "saec"})  # fmt: skip
 
@@ -101,7 +104,7 @@ def test_command_line(store):
     assert out.exit_code == 0, out.output
     assert "mvtec_holdout/report:decisions" in out.output and "0.9" in out.output
     out = runner.invoke(app, ["inspect", "show", ids.iloc[0], "--table", "mvtec_holdout/report:decisions", "--rows", "3", *where])
-    assert out.exit_code == 0 and "10 rows x 8 columns" in out.output
+    assert out.exit_code == 0 and "10 rows x 12 columns" in out.output and "src/2.png" in out.output
     out = runner.invoke(app, ["inspect", "compare", ids.iloc[0], ids.iloc[1], *where])
     assert out.exit_code == 0 and "-0.2" in out.output and "1 of 2 stages used identical outputs" in out.output
     out = runner.invoke(app, ["inspect", "show", "no-such-run", *where])

@@ -47,7 +47,11 @@ def test_routing_keeps_confident_verdicts_both_ways_and_says_why():
     assert table.loc["img4", "reason"] == "edge_uncertain"  # defect verdict, margin 0.05 < 0.08
     assert table.loc["img5", "reason"] == "edge_uncertain"  # smax 0.5 < 0.55
     assert table.loc["img7", "reason"] == "edge_confident_defect"
-    write_table(table.reset_index(), "routing", "/tmp/saec-routing-test.parquet")  # fits its schema
+    write_table(table.reset_index(), "routing", "/tmp/saec-routing-test.parquet")  # fits its schema, paths null
+    manifest = pd.DataFrame({"image_id": IDS, "path": [f"v/{i}" for i in IDS], "source_path": [f"s/{i}" for i in IDS]})
+    traced = route_images(ranked, _edge(), RoutingConfig(), manifest).set_index("image_id")
+    assert traced.loc["img4", "source_path"] == "s/img4" and traced.drop(columns=["path", "source_path"]).equals(
+        table.drop(columns=["path", "source_path"]))
     no_bidir = route_images(ranked, _edge(), RoutingConfig(keep_bidir=False)).set_index("image_id")
     assert no_bidir.loc["img3", "reason"] == "edge_uncertain" and no_bidir.loc["img3", "branch"] == "cloud"
     with pytest.raises(ValueError, match="no edge prediction"):
