@@ -137,6 +137,18 @@ _UMASK = _umask()
 FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
+def _open_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` (not links) the store's modes: libraries that save
+    through temporary files (safetensors, for one) leave them readable by their owner only."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), DIR_MODE)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), FILE_MODE)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
@@ -426,6 +438,7 @@ class Store:
         try:
             files, info = build(tmp)
             build_s = round(time.perf_counter() - t0, 3)
+            _open_modes(tmp)
             rel = {name: Path(p).resolve().relative_to(tmp.resolve()).as_posix() for name, p in files.items()}
             info = _relocate(info, tmp, final)
             _relocate_json_files(tmp, final)

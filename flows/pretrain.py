@@ -49,11 +49,16 @@ def _files(folder: Path) -> dict[str, dict]:
             for name in EXPORTED for p in sorted((folder / name).rglob("*")) if p.is_file()}  # fmt: skip
 
 
-def export_pretrained(out: Path, trained: dict, cfg: PipelineConfig, run_id: str, code_version: str) -> dict:
+def export_pretrained(out: Path, trained: dict, cfg: PipelineConfig, run_id: str, code_version: str,
+                      command: str | None = None) -> dict:
     """Copy the trained models into `out` and write their provenance; returns the provenance record."""
     out.mkdir(parents=True, exist_ok=True)
-    _copy_tree(Path(trained["qwen"].dir) / "model", out / "qwen")
-    _copy_tree(Path(trained["llava"].dir) / "model", out / "llava")
+    for name in ("qwen", "llava"):
+        _copy_tree(Path(trained[name].dir) / "model", out / name)
+        (out / name / "README.md").write_text(  # the random model's card would say it knows nothing
+            f"# SAEC pretrained stand-in: {EXPORTED[name]}\n\nEvery weight trained from random on the pretraining "
+            "world (categories and defect kinds the embedded evaluation never shows). How it was made, its "
+            "metrics and every file's hash: `../provenance.json`.\n")
     edge = out / "edge"
     if edge.exists():
         shutil.rmtree(edge)
@@ -64,7 +69,8 @@ def export_pretrained(out: Path, trained: dict, cfg: PipelineConfig, run_id: str
     metrics["edge"] = {"val_top1": trained["edge"].info.get("val_top1")}
     record = {
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["saec", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("saec", "__main__.py") else None,
+        "command": command or (" ".join(["saec", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("saec", "__main__.py")
+                               else None),
         "run_id": run_id,
         "code_version": code_version,
         "world": cfg.pretrain.world.model_dump(mode="json"),

@@ -32,6 +32,7 @@ def test_pretrain_exports_stand_ins_with_a_provenance_they_match(prefect_server,
     assert record["recipes"]["qwen"]["trainable"] == "full" and record["code_version"]
     assert record["metrics_on_world_val"]["qwen"]["n"] > 0
     assert verify_pretrained(out) == []
+    assert "pretrained stand-in" in (out / "llava" / "README.md").read_text()  # not the random model's card
     # what was exported loads as what it stands for
     assert load_vlm(ModelLoadConfig(model=str(out / "qwen"))).family == "qwen2_5_vl"
     assert load_vlm(ModelLoadConfig(model=str(out / "llava"))).family == "llava"
@@ -43,3 +44,17 @@ def test_pretrain_exports_stand_ins_with_a_provenance_they_match(prefect_server,
     # a world that reuses an evaluated category is refused before any work
     bad = CliRunner().invoke(app, ["pretrain", str(tmp_path / "x"), "--set", "pretrain.world.categories=[tile, carpet]"])
     assert bad.exit_code == 2 and "which the embedded evaluation uses" in bad.output
+
+
+def test_the_shipped_stand_ins_are_the_files_their_provenance_records():
+    """The pretrained stand-ins in the package match, file for file, the record of how they were
+    made; the record names a world that shares nothing with the embedded evaluation."""
+    from saec.datasets.synthetic import DEFAULT_CATEGORIES
+    from saec.flows.pretrain import EXPORTED, PROVENANCE, verify_pretrained
+
+    shipped = Path(__file__).resolve().parents[1] / "saec" / "pretrained"
+    record = json.loads((shipped / PROVENANCE).read_text())
+    assert verify_pretrained(shipped) == []
+    assert {name.split("/")[0] for name in record["files"]} == set(EXPORTED)
+    assert set(record["world"]["categories"]).isdisjoint(DEFAULT_CATEGORIES)
+    assert all(f["bytes"] < 16 * 2**20 for f in record["files"].values())  # a few MB each

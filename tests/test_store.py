@@ -200,11 +200,19 @@ def test_store_files_get_the_usual_modes_not_owner_only(tmp_path):
     old = os.umask(0o022)
     try:
         assert FILE_MODE == 0o666 & ~store_mod._UMASK
-        built = Store(tmp_path).build_stage("demo", "k", lambda out: ({"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path,
-                                                                        "s": write_json_atomic(out / "s.json", {"a": 1})}, {}))  # fmt: skip
+        def build(out):
+            private = out / "lib" / "weights.bin"  # what a library saving through a private temporary file leaves
+            private.parent.mkdir(mode=0o700)
+            private.write_bytes(b"w")
+            private.chmod(0o600)
+            return {"q": write_table(pd.DataFrame([ROW]), "quarantine", out / "q.parquet").path,
+                    "s": write_json_atomic(out / "s.json", {"a": 1}), "lib": out / "lib"}, {}
+
+        built = Store(tmp_path).build_stage("demo", "k", build)
         folder = Path(built.dir)
-        for f in (folder / "q.parquet", folder / "s.json", folder / "_stage.json"):
+        for f in (folder / "q.parquet", folder / "s.json", folder / "_stage.json", folder / "lib" / "weights.bin"):
             assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f.name
+        assert stat.S_IMODE((folder / "lib").stat().st_mode) == DIR_MODE
         assert stat.S_IMODE(folder.stat().st_mode) & 0o700 == 0o700
         assert DIR_MODE & 0o700 == 0o700
     finally:
