@@ -159,7 +159,8 @@ def system_labels(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.cloud.llava_model is None:
         labels["llava_zeroshot"] = "LLaVA-1.5 zero-shot (embedded stand-in: tiny, random weights)"
     if cfg.edge.weights.endswith((".yaml", ".yml")):
-        labels["edge_only"] = "Edge only (YOLO11-cls from random weights, trained here)"
+        labels["edge_only"] = ("Edge only (YOLO11-cls from random weights, trained here)" if cfg.edge.mode == "supervised"
+                               else "Edge only (YOLO11-cls with random weights, untrained)")
     return labels
 
 

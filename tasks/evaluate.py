@@ -103,8 +103,8 @@ def system_row(system: str, decisions: pd.DataFrame, measurement: dict) -> dict:
     return row
 
 
-METRIC_COLS = ["dataset", "system", "n", "n_good", "n_defect", "correct", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "auroc",
-               "cloud_share", "tn", "fp", "fn", "tp", "wall_s", "serial_s", "measured", "gpu_util_avg", "gpu_power_avg_w",
+METRIC_COLS = ["dataset", "system", "n", "n_good", "n_defect", "correct", "accuracy", "balanced_accuracy", "acc_good",
+               "acc_defect", "auroc", "cloud_share", "tn", "fp", "fn", "tp", "wall_s", "serial_s", "measured", "gpu_util_avg", "gpu_power_avg_w",
                "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb", "cpu_mem_avg_gb",
                "cpu_percent_avg"]  # fmt: skip
 

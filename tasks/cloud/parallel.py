@@ -15,7 +15,6 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 from saec.tasks.cloud.config import CloudScoreConfig
 
