@@ -15,7 +15,6 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 from saec.tasks.cloud.config import CloudScoreConfig
 
 __all__ = ["resolve_devices", "score_manifest_sharded", "shard_bounds"]
