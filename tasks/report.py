@@ -25,6 +25,11 @@ SHOWN = ["system", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "a
          "serial_s", "gpu_util_avg", "gpu_power_avg_w", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb"]  # fmt: skip
 
 
+def system_name(system: str, labels: dict[str, str] | None = None) -> str:
+    """How tables and figures name a system: the run's label for it, else the usual one."""
+    return (labels or {}).get(system, SYSTEM_LABELS.get(system, system))
+
+
 def _fmt(v, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -41,7 +46,7 @@ def plot_systems(metrics: pd.DataFrame, path: Path, title: str, labels: dict[str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    names = [(labels or {}).get(s, SYSTEM_LABELS.get(s, s)) for s in metrics.system]
+    names = [system_name(s, labels) for s in metrics.system]
     colours = ["#d62728" if s == "saec" else "#7f7f7f" for s in metrics.system]
     for ax, (col, label, scale, higher_better) in zip(axes.flat, FIGURE_PANELS):
         values = pd.to_numeric(metrics.get(col), errors="coerce") * scale
@@ -87,7 +92,7 @@ def _breakdown_markdown(table: pd.DataFrame, systems: list[str], labels: dict[st
             continue
         acc = part.pivot(index="group", columns="system", values="accuracy").reindex(columns=systems)
         counts = part.drop_duplicates("group").set_index("group")[["n", "n_good", "n_defect"]]
-        head = [by, "images (good / defect)"] + [labels.get(s, SYSTEM_LABELS.get(s, s)) for s in systems]
+        head = [by, "images (good / defect)"] + [system_name(s, labels) for s in systems]
         lines += [f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group, row in acc.iterrows():
             c = counts.loc[group]
@@ -114,7 +119,7 @@ def plot_breakdown(table: pd.DataFrame, path: Path, title: str, labels: dict[str
         width = 0.8 / max(1, len(systems))
         for i, system in enumerate(systems):
             ax.bar(x + i * width, 100 * acc[system].to_numpy(dtype=float), width,
-                   label=labels.get(system, SYSTEM_LABELS.get(system, system)))
+                   label=system_name(system, labels))
         ax.set_xticks(x + 0.4 - width / 2)
         ax.set_xticklabels(acc.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 105)
@@ -135,8 +140,7 @@ def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header
              "| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     pct = {"accuracy", "balanced_accuracy", "acc_good", "acc_defect", "cloud_share"}
     for row in metrics.to_dict("records"):
-        name = labels.get(row["system"], SYSTEM_LABELS.get(row["system"], row["system"]))
-        cells = [name if c == "system" else _fmt(row.get(c), c in pct) for c in SHOWN]
+        cells = [system_name(row["system"], labels) if c == "system" else _fmt(row.get(c), c in pct) for c in SHOWN]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy, shares and per-class accuracies in %. Wall time measured; serial_s is the sum of the "
               "measured stage times of the same run.", ""]  # fmt: skip

@@ -404,8 +404,10 @@ class CloudScoreConfig(_Strict):
         table keeps probabilities only, and the threshold decides nothing else in it. `devices` stays:
         the scores are the same (shards are cut at batch boundaries), but the stage's measured time
         and telemetry are those of the devices it ran on."""
-        exclude = {"model", "adapter", "progress"} | (set() if self.explain else {"threshold"})
-        return self.model_dump(mode="json", exclude=exclude)
+        view = super().cache_key_view()
+        if not self.explain:
+            del view["threshold"]
+        return view
 
     def load_config(self) -> ModelLoadConfig:
         return ModelLoadConfig(
