@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import textwrap
+import threading
 import types
 from functools import lru_cache
 from pathlib import Path
@@ -47,8 +48,31 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+_PARSE_LOCK = threading.RLock()  # re-entrant: a finalizer run during a parse may parse too
+
+
+def parse(source: str, mode: str = "exec") -> ast.AST:
+    """`ast.parse`, safe to call while other threads of the process parse too.
+
+    CPython 3.11 keeps the AST constructor's recursion counter in interpreter-wide state: when
+    another thread builds a tree at the same moment (the GIL can change hands while a tree is
+    built), the check at the end fails with a spurious `SystemError: AST constructor recursion
+    depth mismatch` (python/cpython#106905). It failed a run's code-version hashing under load.
+    This module's parses take turns, and a parse that a foreign thread disturbed is done again.
+    """
+    for _ in range(4):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, mode=mode)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+    with _PARSE_LOCK:
+        return ast.parse(source, mode=mode)
+
+
 def _parse(source: str) -> ast.Module:
-    return _strip_docstrings(ast.parse(textwrap.dedent(source)))  # type: ignore[return-value]
+    return _strip_docstrings(parse(textwrap.dedent(source)))  # type: ignore[return-value]
 
 
 def normalized(source: str) -> str:
@@ -151,7 +175,7 @@ def _parameter_types(tree: ast.Module) -> set[str]:
         ann = a.annotation
         if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # a quoted annotation
             try:
-                ann = ast.parse(ann.value, mode="eval")
+                ann = parse(ann.value, mode="eval")
             except SyntaxError:
                 continue
         if ann is not None:
@@ -166,7 +190,7 @@ def _package_of(name: str) -> str:
 @lru_cache(maxsize=None)
 def _module_entry(name: str, source: str) -> tuple[str, frozenset[str]]:
     """(normalised-source hash, project imports) of a module, cached by its name and text."""
-    tree = ast.parse(source)
+    tree = parse(source)
     return _digest(normalized(source)), frozenset(_imported(tree, _package_of(name)))
 
 

@@ -200,3 +200,35 @@ def test_edge_weights_are_keyed_by_their_bytes(tmp_path):
 def _write(path: Path) -> Path:
     path.write_text("x")
     return path
+
+
+class _ParsesWhenCollected:
+    """Cyclic garbage whose finalizer builds a syntax tree, as another thread of the process may
+    do at any moment (Prefect's threads, a user's): it runs inside the next parse's allocations."""
+
+    def __del__(self):
+        ast.parse("x = [1, (2, {3: 4})]")
+
+
+def test_code_versions_survive_a_tree_built_elsewhere_during_their_parse():
+    import gc
+
+    from saec.artifacts import code
+
+    source = (ROOT / "tasks" / "stage.py").read_text()
+    got = {}
+    for name, parse in (("ast.parse", ast.parse), ("code.parse", code.parse)):
+        garbage = _ParsesWhenCollected()
+        garbage.cycle = garbage
+        del garbage
+        threshold = gc.get_threshold()
+        gc.set_threshold(1)  # collect at the first allocation of the parse
+        try:
+            got[name] = ast.dump(parse(source))
+        except SystemError as exc:  # CPython 3.11's shared recursion counter (python/cpython#106905)
+            got[name] = exc
+        finally:
+            gc.set_threshold(*threshold)
+    if not isinstance(got["ast.parse"], SystemError):
+        pytest.skip(f"Python {sys.version.split()[0]} does not show the hazard")
+    assert got["code.parse"] == ast.dump(ast.parse(source))

@@ -57,7 +57,15 @@ def _finish(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 900) ->
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
-        assert rc == 0, f"{log} (exit {rc}):\n{log.read_text()[-4000:]}"
+        assert rc == 0, f"{log} (exit {rc}):\n{_what_failed(log.read_text())}"
+
+
+def _what_failed(text: str) -> str:
+    """The first traceback of a failed process's log and its last lines (Prefect's event noise
+    at shutdown can fill the end of the log)."""
+    start = text.find("Traceback")
+    first = text[start:start + 3000] + "\n[...]\n" if start >= 0 else ""
+    return first + text[-2000:]
 
 
 # how a run went, not what it computed (in concurrent runs each process may execute part of SAEC)
