@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,6 +19,7 @@ from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import RunFolder, StageResult, Store, write_json_atomic, write_table
 from saec.config import PipelineConfig
 from saec.flows.common import call_stage, collect, submit_stage
+from saec.standins import standin
 from saec.tasks.cloud.task import release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
@@ -154,11 +156,14 @@ def system_labels(cfg: PipelineConfig) -> dict[str, str]:
     published models."""
     labels = {}
     if cfg.cloud.embedded:
-        labels["cloud_only"] = "Cloud only (embedded tiny VLM, tuned)"
-        labels["qwen_zeroshot"] = "Qwen2.5-VL zero-shot (embedded stand-in: tiny, random weights)"
+        labels["cloud_only"] = "Cloud only (embedded tiny Qwen2.5-VL stand-in, LoRA-tuned)"
+        labels["qwen_zeroshot"] = "Qwen2.5-VL zero-shot (embedded stand-in: tiny, pretrained elsewhere)"
     if cfg.cloud.llava_model is None:
-        labels["llava_zeroshot"] = "LLaVA-1.5 zero-shot (embedded stand-in: tiny, random weights)"
-    if cfg.edge.weights.endswith((".yaml", ".yml")):
+        labels["llava_zeroshot"] = "LLaVA-1.5 zero-shot (embedded stand-in: tiny, pretrained elsewhere)"
+    if Path(cfg.edge.weights) == standin("edge"):
+        labels["edge_only"] = ("Edge only (embedded YOLO11n-cls stand-in, fine-tuned)" if cfg.edge.mode == "supervised"
+                               else "Edge only (embedded YOLO11n-cls stand-in, untuned)")
+    elif cfg.edge.weights.endswith((".yaml", ".yml")):
         labels["edge_only"] = ("Edge only (YOLO11-cls from random weights, trained here)" if cfg.edge.mode == "supervised"
                                else "Edge only (YOLO11-cls with random weights, untrained)")
     return labels

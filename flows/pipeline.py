@@ -8,22 +8,20 @@ from saec.config import PipelineConfig
 from saec.flows.common import call_stage, end_run, start_run
 from saec.flows.evaluate import Models, evaluate_flow
 from saec.flows.prepare import prepare_stages
-from saec.tasks.cloud.task import adapter_ref, model_of, model_ref, tiny_llava_task, tiny_vlm_task, train_cloud
+from saec.standins import standin
+from saec.tasks.cloud.task import adapter_ref, model_ref, train_cloud
 from saec.tasks.edge.task import train_edge_task
 
 EVAL_SETS = {"mvtec_holdout": "holdout", "ksdd2_1to1": "ksdd2_1to1"}
 
 
 def build_models(cfg: PipelineConfig, run, sft) -> Models:
-    """The edge and cloud models: the user's, or trained here (cached like every stage)."""
+    """The edge and cloud models: the user's or the embedded stand-ins, fine-tuned here (cached like every stage)."""
     store = str(cfg.store.root)
     edge = None
     if cfg.edge.mode == "supervised":
         edge = call_stage(run, train_edge_task, store=store, sft=sft, cfg=cfg.edge)
-    if cfg.cloud.embedded:
-        vlm = model_of(call_stage(run, tiny_vlm_task, store=store, cfg=cfg.cloud.tiny))
-    else:
-        vlm = model_ref(cfg.cloud.model)
+    vlm = model_ref(standin("qwen") if cfg.cloud.embedded else cfg.cloud.model)
     if cfg.cloud.adapter is not None:
         adapter = adapter_ref(path=cfg.cloud.adapter)
     else:
@@ -31,10 +29,7 @@ def build_models(cfg: PipelineConfig, run, sft) -> Models:
         adapter = adapter_ref(trained)
     llava = None
     if "llava_zeroshot" in cfg.evaluate.systems:
-        if cfg.cloud.llava_model is None:
-            llava = model_of(call_stage(run, tiny_llava_task, store=store, seed=cfg.cloud.tiny.seed))
-        else:
-            llava = model_ref(cfg.cloud.llava_model, kind="llava")
+        llava = model_ref(cfg.cloud.llava_model or standin("llava"), kind="llava")
     return Models(edge=edge, vlm=vlm, adapter=adapter, llava=llava)
 
 

@@ -110,8 +110,8 @@ def pretrain_flow(cfg: PipelineConfig, out: Path) -> dict:
         scan = call_stage(run, scan_mvtec, store=store, source=fingerprint(Path(world.dir) / "mvtec_ad", "mvtec_ad"),
                           cfg=cfg.scan)
         sft = call_stage(run, sft_task, store=store, scan=scan, cfg=cfg.sft)
-        qwen = model_of(call_stage(run, tiny_vlm_task, store=store, cfg=cfg.cloud.tiny))
-        llava = model_of(call_stage(run, tiny_llava_task, store=store, seed=cfg.cloud.tiny.seed))
+        qwen = model_of(call_stage(run, tiny_vlm_task, store=store, cfg=pre.tiny))
+        llava = model_of(call_stage(run, tiny_llava_task, store=store, seed=pre.tiny.seed))
         trained = {
             "qwen": call_stage(run, train_cloud, name="train_qwen", store=store, sft=sft, base=qwen,
                                cfg=pre.recipe(qwen.path, "qwen")),

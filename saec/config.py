@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saec import standins
 from saec.datasets.synthetic import DEFAULT_CATEGORIES, SyntheticConfig
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
 from saec.tasks.complexity import ComplexityConfig
@@ -74,20 +75,20 @@ class DataConfig(BaseModel):
 
 
 class CloudConfig(BaseModel):
-    """The cloud model: the user's Qwen2.5-VL folder, or the embedded tiny one built from `tiny`.
+    """The cloud model: the user's Qwen2.5-VL folder, or the embedded stand-in.
 
     `train` and `score` override fields of the training and scoring configs
     (saec.tasks.cloud.config); `baseline_score` is what the zero-shot baselines use (the
-    seed: 448 px, batch 16). With `model` unset, the embedded recipe applies: the tiny model
-    trains its LoRA adapters *and* its vision tower (a randomly initialised tower cannot
-    see through LoRA alone), on the CPU, in float32, at the tiny model's image size.
+    seed: 448 px, batch 16). With `model` unset, the embedded recipe applies to the shipped
+    stand-in (saec.standins: a tiny Qwen2.5-VL pretrained on a world the evaluation never shows):
+    LoRA and the vision tower fine-tuned on the CPU, in float32, at the stand-in's image size
+    (`CloudTrainConfig.tiny`); `llava_model` unset scores the shipped LLaVA stand-in.
     """
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="local Hugging Face folder or hub id; None = embedded tiny model")
+    model: str | None = Field(None, description="local Hugging Face folder or hub id; None = the embedded stand-in")
     adapter: str | None = Field(None, description="use this trained adapter instead of training one")
-    llava_model: str | None = Field(None, description="LLaVA-1.5 folder for the baseline; None = embedded tiny one")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    llava_model: str | None = Field(None, description="LLaVA-1.5 folder for the baseline; None = the embedded stand-in")
     train: dict[str, Any] = Field(default_factory=dict)
     score: dict[str, Any] = Field(default_factory=dict)
     baseline_score: dict[str, Any] = Field(default_factory=lambda: {"resize": 448, "batch_size": 16})
@@ -98,21 +99,25 @@ class CloudConfig(BaseModel):
 
     def train_config(self, model_path: str) -> CloudTrainConfig:
         if self.embedded:
-            return CloudTrainConfig.tiny(model_path, **{"resize": self.tiny.image_size, **self.train})
+            return CloudTrainConfig.tiny(model_path, **self.train)
         return CloudTrainConfig(model=model_path, **self.train)
 
     def score_config(self, model_path: str, baseline: bool = False) -> CloudScoreConfig:
         """Scoring settings; decisions apply `routing.cloud_thr` to P(defect) later, at merge time.
 
-        The embedded tuned model is scored with the eight flips and turns on the categories its
-        training turned (test-time augmentation), since that is how it learned to see them.
+        The embedded tuned model is scored at the size it was fine-tuned at, with the eight flips
+        and turns on the categories its training turned (test-time augmentation), since that is
+        how it learned to see them; the zero-shot stand-ins at the size they were pretrained at
+        (as the seed scores its tuned model at 512 px and the zero-shot ones at 448).
         """
         values: dict[str, Any] = {"model": model_path}
         if self.embedded:
-            values |= {"resize": self.tiny.image_size, "device": "cpu", "dtype": "float32", "batch_size": 16}
-            turned = self.train_config(model_path)
-            if not baseline and turned.augment == "dihedral":
-                values |= {"tta": "dihedral", "tta_categories": turned.augment_categories}
+            values |= {"resize": standins.image_size(), "device": "cpu", "dtype": "float32", "batch_size": 16}
+            tuned = self.train_config(model_path)
+            if not baseline:
+                values["resize"] = tuned.resize
+                if tuned.augment == "dihedral":
+                    values |= {"tta": "dihedral", "tta_categories": tuned.augment_categories}
         values |= self.baseline_score if baseline and not self.embedded else {}
         values |= self.score
         return CloudScoreConfig(**values)
@@ -245,6 +250,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     world: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**WORLD_SYNTHETIC))
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the tiny Qwen2.5-VL's shape and seed")
     cloud: dict[str, Any] = Field(default_factory=dict)
     llava: dict[str, Any] = Field(default_factory=dict)
     edge: dict[str, Any] = Field(default_factory=dict)
@@ -275,14 +281,14 @@ class PretrainConfig(BaseModel):
         """Training from random weights, every weight (`trainable="full"`), with the embedded recipe's
         numerics and turns (the world's categories have no orientation: every image may turn)."""
         values = {"trainable": "full", "train_output_layer": False, "augment_categories": None,
-                  "checkpoint_every": 50}
+                  "checkpoint_every": 50, "epochs": 20, "resize": self.tiny.image_size}
         if which == "llava":
             values |= {"resize": None}  # the tiny LLaVA's processor sizes its images itself
         return CloudTrainConfig.tiny(model_path, **(values | (self.cloud if which == "qwen" else self.llava)))
 
     def edge_config(self) -> EdgeConfig:
-        """The embedded edge (YOLO11n-cls from its model definition, supervised), trained on the world."""
-        return EdgeConfig(train={**EdgeConfig().train.model_dump(), **self.edge})
+        """The edge stand-in: YOLO11n-cls from its model definition (random), supervised, trained on the world."""
+        return EdgeConfig(weights="yolo11n-cls.yaml", train={**EdgeConfig().train.model_dump(), "epochs": 15, **self.edge})
 
 
 class StoreConfig(BaseModel):

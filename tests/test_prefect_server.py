@@ -51,7 +51,7 @@ SAME_VALUES = {
     "mvtec_holdout/saec_cloud_quota:scores": ["image_id", "p_defect", "logit_0", "logit_1"],
     "mvtec_holdout/saec_cloud_unsure:scores": ["image_id", "p_defect", "logit_0", "logit_1"],
 }
-BEFORE_FAULT = {"synthetic", "scan_mvtec", "scan_ksdd2", "sft", "holdout", "ksdd2_1to1", "train_edge", "tiny_vlm"}
+BEFORE_FAULT = {"synthetic", "scan_mvtec", "scan_ksdd2", "sft", "holdout", "ksdd2_1to1", "train_edge"}
 
 
 # ------------------------------------------------------------------ fast checks of the pieces

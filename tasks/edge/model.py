@@ -152,7 +152,7 @@ def _logits_module(model: Any) -> Any:
     return ClassifierLogits(model).eval()
 
 
-def _load_saved(model_json: str | Path) -> Any:
+def load_saved(model_json: str | Path) -> Any:
     """The ClassificationModel of a saved model.json, rebuilt from its definition; nothing is unpickled."""
     import torch
     from safetensors.torch import load_file
@@ -189,7 +189,7 @@ def load_classifier(weights: str | Path, seed: int = 0) -> LoadedModel:
     try:
         if _is_saved(weights):
             yolo = None
-            net = _load_saved(weights)
+            net = load_saved(weights)
         elif from_yaml:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

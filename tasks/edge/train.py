@@ -21,8 +21,8 @@ import pandas as pd
 
 from saec.artifacts.store import atomic_path
 from saec.datasets.images import load_image
-from saec.tasks.edge.config import EdgeConfig
-from saec.tasks.edge.model import SAVED_MODEL, SAVED_WEIGHTS, EdgeModelError, save_classifier, ultralytics
+from saec.tasks.edge.config import EdgeConfig, is_saved_model
+from saec.tasks.edge.model import SAVED_MODEL, SAVED_WEIGHTS, EdgeModelError, load_saved, save_classifier, ultralytics
 from saec.tasks.edge.predict import defect_index
 
 CLASS_DIRS = {0: "good", 1: "defect"}
@@ -208,6 +208,18 @@ def _progress(yolo, epochs: int, show: bool):
     return bar
 
 
+def _starting_model(ul, weights: str):
+    """The Ultralytics model training starts from: built from a .yaml (random), a user's .pt
+    checkpoint, or a saved model.json (rebuilt from its definition with its safetensors weights,
+    head included, so nothing is unpickled)."""
+    if not is_saved_model(weights):
+        return ul.YOLO(weights, task="classify")
+    net = load_saved(weights)
+    yolo = ul.YOLO(net.yaml["yaml_file"], task="classify")  # the wrapper; its module is replaced
+    yolo.model = net
+    return yolo.load(net)  # Ultralytics' object load: training seeds from these weights
+
+
 def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, counts: dict) -> dict[str, Any]:
     import torch
 
@@ -215,7 +227,7 @@ def _train(cfg: EdgeConfig, ul, threads: int, work_dir: Path, out_dir: Path, cou
     t = cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        yolo = ul.YOLO(cfg.weights, task="classify")
+        yolo = _starting_model(ul, cfg.weights)
     bar = _progress(yolo, t.epochs, cfg.progress)
     t0 = time.perf_counter()
     try:
