@@ -106,9 +106,12 @@ STUDIES: dict[str, list[Run]] = {
 # Each study ran on the tiny recipe of its day: the earlier studies on 24 epochs without lighting
 # jitter, data2 on 32 epochs with jitter of 0.15. Pinning that here keeps every run training as it
 # did when `CloudTrainConfig.tiny` changes (the committed results record only the overrides).
-_R24 = {"epochs": 24, "augment_lighting": 0.0}
+# Every study trained from random weights: the output layer trained too (the embedded recipe now
+# fine-tunes a pretrained stand-in and leaves it alone).
+_SCRATCH = {"trainable": "lora+vision", "train_output_layer": True}
+_R24 = {**_SCRATCH, "epochs": 24, "augment_lighting": 0.0}
 _PINNED = {"depth": _R24, "data": _R24, "average": _R24, "explain": _R24, "combine": _R24,
-           "data2": {"epochs": 32, "augment_lighting": 0.15}}
+           "data2": {**_SCRATCH, "epochs": 32, "augment_lighting": 0.15}}
 STUDIES = {study: [(n, s, {**_PINNED[study], **tr}, ti, k) for n, s, tr, ti, k in runs]
            for study, runs in STUDIES.items()}
 

@@ -1,21 +1,19 @@
-"""The embedded default cloud model, trained on the synthetic SFT split, scored on the synthetic holdout.
+"""The embedded cloud model: the shipped stand-in, fine-tuned on the synthetic SFT split, scored on
+the synthetic holdout, and the stand-in as shipped scored zero-shot on the same holdout.
 
-The goal is >= 90 % holdout accuracy after a few CPU minutes of training. The tiny model starts
-from random weights and learns from the embedded default data (`EMBEDDED_SYNTHETIC`: 1,280 SFT
-images at 128 px, defects at 6x visibility, a 500 + 500 holdout) with the pipeline's embedded
-settings: the recipe of `CloudTrainConfig.tiny` (20 epochs; turns, flips and lighting for carpet,
-grid and ring), scored with the eight flips and turns on those categories, verdict at
-P(defect) >= 0.5. On a second synthetic draw at these counts the recipe gave 90.5-91.2 % over
-six training seeds (`benchmarks/results/cloud_recipes_data2.json`), while finding almost no bent
-or broken grid wires; half the training images gave 85-87 %.
+The stand-in (a tiny Qwen2.5-VL pretrained on a world of other categories and defect kinds,
+saec.standins) is fine-tuned with the pipeline's embedded settings: `CloudTrainConfig.tiny`
+(LoRA and the vision tower, 8 epochs at 140 px; turns, flips and lighting for carpet, grid and
+ring), scored with the eight flips and turns on those categories, verdict at P(defect) >= 0.5.
+Measured with these settings in the pipeline on a 2-core Intel Xeon (Sapphire Rapids): 88.6 %
+tuned, 63.4 % zero-shot (docs/pretrained-standins.md); the goal of 90 % is not reached (the
+grids' bent and broken wires are not learnt).
 
-The goal is a reported figure (README), not this test's gate: the arithmetic of the CPU moves a
-model trained from random weights, and the figure sits on the goal. Measured with this test's
-exact setting (2 torch threads, the same code and data): 90.0 % on a 2-core AMD EPYC and 89.2 %
-on 2-core Intel Xeons (two machines, one a Sapphire Rapids with AVX-512: 892 of 1,000 on both).
-The gate, ACCURACY_FLOOR = 0.87, lies 2.2 points below the lowest of them, and far above what a
-model that stops learning gets (a frozen or broken training scores at chance, 50 %, as the
-zero-shot baselines do).
+The figures are the README's, not this test's gates: the arithmetic of another CPU moves a
+fine-tuned model. ACCURACY_FLOOR = 0.85 lies 3.6 points below the measurement and far above the
+zero-shot stand-in and chance (a training that stops learning scores there); ZERO_SHOT_FLOOR =
+0.58 lies 5.4 points below the shipped stand-in's measurement and five standard errors above
+chance on 1,000 images (the stand-in's weights are fixed; only the CPU's arithmetic moves it).
 """
 from __future__ import annotations
 
@@ -27,7 +25,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-ACCURACY_FLOOR = 0.87
+ACCURACY_FLOOR = 0.85
+ZERO_SHOT_FLOOR = 0.58
 
 
 @pytest.mark.slow
