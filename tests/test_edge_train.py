@@ -188,3 +188,33 @@ def test_edge_training_shows_its_progress(sft, tmp_path, capfd):
     quiet = cfg.model_copy(update={"progress": False})
     train_edge(quiet, sft["train"], sft["val"], tmp_path / "w2", tmp_path / "o2")
     assert "edge training" not in capfd.readouterr().err
+
+
+def test_fine_tuning_starts_from_a_saved_model_json(sft, tmp_path):
+    """edge.weights may be a model.json SAEC saved (the embedded default: the shipped stand-in):
+    training starts from its weights, head included, rebuilt without unpickling anything. With a
+    learning rate of ~0 the trained weights are the stand-in's (a fresh start would be random)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from saec.standins import standin
+
+    cfg = EdgeConfig(mode="supervised", weights=str(standin("edge")), imgsz=32, batch_size=5, progress=False,
+                     train={"epochs": 1, "batch": 8, "optimizer": "SGD", "lr0": 1e-12,
+                            "extra": {"warmup_epochs": 0, "momentum": 0.0, "weight_decay": 0.0}})
+    info = train_edge(cfg, sft["train"], sft["val"], tmp_path / "w", tmp_path / "o")
+    start = load_file(str(standin("edge").with_name("model.safetensors")))
+    end = load_file(info["weights"])
+    weights = [k for k in start if k.endswith(("conv.weight", "linear.weight"))]
+    assert len(weights) > 10 and set(weights) <= set(end)
+    # Ultralytics keeps its checkpoints in half precision: equal to that rounding
+    assert all(torch.allclose(end[k], start[k], rtol=1e-2, atol=1e-3) for k in weights)
+    assert info["names"] == {"0": "defect", "1": "good"}
+
+
+def test_a_json_that_is_not_a_saved_edge_model_is_refused_before_work(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not an edge model written by SAEC"):
+        EdgeConfig(weights=str(tmp_path / "model.json"))
+    with pytest.raises(ValueError, match="does not exist"):
+        EdgeConfig(weights=str(tmp_path / "missing.json"))
