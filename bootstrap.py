@@ -66,11 +66,16 @@ def main(argv: list[str]) -> int:
     verb, rest = argv[0], argv[1:]
     if verb == "setup":
         return 0
+    return subprocess.run(command(verb, rest), cwd=ROOT).returncode
+
+
+def command(verb: str, rest: list[str]) -> list[str]:
+    """The command of `run` or `test`. `-P` keeps the repository root off `sys.path`: its `datasets/`
+    folder (installed as `saec.datasets`) must not pass for Hugging Face's `datasets` library when a
+    library probes for that."""
     if verb == "run":
-        cmd = [str(_python()), "-m", "saec.cli", "run", *rest]
-    else:
-        cmd = [str(_python()), "-m", "pytest", *rest]
-    return subprocess.run(cmd, cwd=ROOT).returncode
+        return [str(_python()), "-P", "-m", "saec.cli", "run", *rest]
+    return [str(_python()), "-P", "-m", "pytest", *rest]
 
 
 if __name__ == "__main__":

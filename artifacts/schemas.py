@@ -160,7 +160,7 @@ EDGE_PREDICTIONS = pa.schema(
         ("entropy", _f64),  # softmax entropy / ln(number of classes), in [0, 1]
         ("top1_class", _i32),  # index of the top-1 class
         ("top1_name", _str),  # its name (ImageNet class, or "good"/"defect")
-        ("verdict", pa.int8()),  # 0 good, 1 defect: the seed's rule (imagenet_rule) or p_defect >= threshold
+        ("verdict", pa.int8()),  # 0 good, 1 defect: the published run's rule (imagenet_rule) or p_defect >= threshold
         ("mode", _str),  # "imagenet_rule" | "supervised"
         ("runtime", _str),  # "onnxruntime" | "onnxruntime-int8" | "torch"
         ("model_id", _str),  # sha256 (16 hex) of the weights file; "yaml-..." for a model built from a .yaml
@@ -170,7 +170,7 @@ EDGE_PREDICTIONS = pa.schema(
         ("wait_seconds", _f64),  # time the inference loop waited for that batch's decoded images
     ]
 )
-# One row per image: the seed's scene complexity and its five components.
+# One row per image: the published run's scene complexity and its five components.
 COMPLEXITY = pa.schema(
     [
         ("image_id", _str),

@@ -38,16 +38,10 @@ from saec.datasets.synthetic import SyntheticConfig, generate_all  # noqa: E402
 from saec.tasks.cloud.config import CloudTrainConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
 from saec.tasks.cloud.models import load_vlm  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
-from saec.tasks.cloud.train import (  # noqa: E402
-    _prefetch,
-    answer_loss,
-    augment_plan,
-    build_examples,
-    prepare_batch,
-    read_sft,
-    setup_trainable,
-    train_vlm,
-)
+from saec.tasks.cloud.augment import augment_plan  # noqa: E402
+from saec.tasks.cloud.sft_examples import answer_loss, build_examples, prepare_batch, read_sft  # noqa: E402
+from saec.tasks.cloud.train import prefetch as prefetched, train_vlm  # noqa: E402
+from saec.tasks.cloud.trainable import setup_trainable  # noqa: E402
 from saec.tasks.sft import SFTConfig, split_sft, write_jsonl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,7 +68,7 @@ def run_steps(cfg: CloudTrainConfig, sft: Path, steps: int, threads: int, prefet
         return prepare_batch(processor, loaded.family, [examples[i] for i in idx], cfg.resize, [augs[i] for i in idx])
 
     pool = ThreadPoolExecutor(threads)
-    batches = _prefetch(make, jobs, pool, threads + 1) if prefetch else map(make, jobs)
+    batches = prefetched(make, jobs, pool, threads + 1) if prefetch else map(make, jobs)
     model.train()
     t0 = None
     for k, batch in enumerate(batches):

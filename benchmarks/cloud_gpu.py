@@ -5,7 +5,7 @@ template) with random bf16 weights; synthetic PNG files on disk; everything meas
 run on one machine:
 
   scoring, Qwen2.5-VL-7B, at 448 and 512 px, per batch size:
-    plain    the seed's way: decode + resize + processor in the loop, then the plain Hugging Face
+    plain    the published run's way: decode + resize + processor in the loop, then the plain Hugging Face
              forward (full-vocabulary logits), P(defect) from the two label columns;
     fast     `VLMScorer` (threaded decode, prefetched batches, two output rows only) with the
              uncompiled fast path (batched vision windows, patch embedding as one matmul,
@@ -44,13 +44,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # installed package, or the repository folders under the one name `saec`
+try:  # the installed package, as every other entry point uses it
     import saec.tasks  # noqa: F401
 except ModuleNotFoundError:
-    sys.path.insert(0, str(ROOT))
-    import saec
-
-    saec.__path__.append(str(ROOT))
+    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
+             "(where its dependencies are already there, `pip install --no-deps -e .`)")
 
 from saec.env import configure_offline  # noqa: E402
 
@@ -62,18 +60,19 @@ from PIL import Image  # noqa: E402
 
 from saec.prompts import chat_messages  # noqa: E402
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig  # noqa: E402
-from saec.tasks.cloud.engine import (  # noqa: E402
-    VLMScorer,
-    _forward_kwargs,
+from saec.tasks.cloud.engine import VLMScorer  # noqa: E402
+from saec.tasks.cloud.forward import (  # noqa: E402
     add_mm_token_type_ids,
     build_prompt_spec,
+    forward_kwargs,
     label_logits_fast,
     to_device,
 )
-from saec.tasks.cloud.fast import build_random_vlm, install_fast_path  # noqa: E402
+from random_vlm import build_random_vlm  # noqa: E402  (benchmarks/random_vlm.py)
+from saec.tasks.cloud.fast import install_fast_path  # noqa: E402
 from saec.tasks.cloud.images import load_rgb  # noqa: E402
 
-MATMUL_TFLOPS = 786.0  # measured bf16 8192^3 matmul on one H200 (design notes); re-measured below on CUDA
+MATMUL_TFLOPS = 786.0  # a bf16 8192^3 matmul measured on one H200; re-measured below on CUDA
 SMOKE_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2,
                   rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6})
@@ -199,7 +198,7 @@ class Results:
 
 
 def plain_score(loaded, spec, paths: list[str], batch_size: int, resize: int) -> np.ndarray:
-    """The seed's loop: decode, processor, plain forward with full logits; P(defect) per image."""
+    """The published run's loop: decode, processor, plain forward with full logits; P(defect) per image."""
     proc, model, device = loaded.processor, loaded.model, loaded.device
     proc.tokenizer.padding_side = "left"
     out = []
@@ -209,7 +208,7 @@ def plain_score(loaded, spec, paths: list[str], batch_size: int, resize: int) ->
             enc = dict(proc(text=[spec.prefix] * len(images), images=images, return_tensors="pt", padding=True))
             add_mm_token_type_ids(enc, loaded.family, getattr(proc, "image_token_id", None))
             enc = to_device(enc, device, loaded.dtype)
-            logits = model(**_forward_kwargs(enc), use_cache=False).logits[:, -1, list(spec.label_ids)].float()
+            logits = model(**forward_kwargs(enc), use_cache=False).logits[:, -1, list(spec.label_ids)].float()
             out.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
     return np.concatenate(out)
 
@@ -293,7 +292,7 @@ def breakdown(res: Results, loaded, folder: Path, files: list[str], size: int, b
     """Where the time goes at one batch size: CPU preparation alone (decode threads, and the
     processor where it is used), the GPU forward alone on one prepared batch, and within it the
     vision tower and the language model; the device-side input preparation (copy, patches)."""
-    from saec.tasks.cloud.engine import last_real_index
+    from saec.tasks.cloud.forward import last_real_index
     from saec.tasks.cloud.fast import keep_positions
 
     device = loaded.device
@@ -373,7 +372,7 @@ def section_qwen_scoring(res: Results, args, folder: Path, paths) -> None:
             dict(loaded.processor(text=[spec.prefix] * 2, images=images, return_tensors="pt", padding=True)),
             loaded.family, loaded.processor.image_token_id)), device, loaded.dtype)
         flops_min[size] = flops_per_image(lambda: label_logits_fast(loaded.model, batch, rows), 2)
-        flops_plain[size] = flops_per_image(lambda: loaded.model(**_forward_kwargs(batch), use_cache=False), 2)
+        flops_plain[size] = flops_per_image(lambda: loaded.model(**forward_kwargs(batch), use_cache=False), 2)
         res.data.setdefault("flops", {})[f"qwen_{size}"] = {
             "needed_T": round(flops_min[size] / 1e12, 3), "plain_forward_T": round(flops_plain[size] / 1e12, 3),
             "prompt_tokens": int(batch["input_ids"].shape[1]), "physical_limit_images_per_s":
@@ -466,7 +465,7 @@ def quantize_language_model_nf4(model, compute_dtype) -> int:
 
 
 def sft_examples(processor, paths: list[str]):
-    from saec.tasks.cloud.train import SFTRow, build_examples
+    from saec.tasks.cloud.sft_examples import SFTRow, build_examples
 
     rows = [SFTRow(image_id=str(i), image=p, label=i % 2, messages=chat_messages(p, i % 2))
             for i, p in enumerate(paths)]
@@ -478,7 +477,7 @@ def train_plain(res: Results, args, folder: Path, files: list[str], bs: int) -> 
     from peft import LoraConfig, get_peft_model
 
     from saec.tasks.cloud.models import VISION_MERGER, lora_target_regex
-    from saec.tasks.cloud.train import prepare_batch
+    from saec.tasks.cloud.sft_examples import prepare_batch
 
     loaded = build_random_vlm(folder, device=args.device, dtype=args.dtype, seed=0,
                               text_overrides=SMOKE_TEXT if args.smoke else None,
@@ -502,7 +501,7 @@ def train_plain(res: Results, args, folder: Path, files: list[str], bs: int) -> 
         batch = prepare_batch(processor, loaded.family, exs, args.train_size)
         labels = batch["input_ids"].masked_fill(~batch.pop("answer_mask"), -100)
         batch = to_device(batch, device, loaded.dtype)
-        out = model(**_forward_kwargs(batch), labels=labels.to(device), use_cache=False)
+        out = model(**forward_kwargs(batch), labels=labels.to(device), use_cache=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -520,7 +519,9 @@ def train_plain(res: Results, args, folder: Path, files: list[str], bs: int) -> 
 
 def train_ours(res: Results, args, folder: Path, files: list[str], variants: list[tuple[int, bool]]) -> None:
     """The project's QLoRA step: NF4 base, `setup_trainable`, `answer_loss`, prefetched data, fast path."""
-    from saec.tasks.cloud.train import _prefetch, answer_loss, prepare_batch, setup_trainable
+    from saec.tasks.cloud.sft_examples import answer_loss, prepare_batch
+    from saec.tasks.cloud.train import prefetch
+    from saec.tasks.cloud.trainable import setup_trainable
 
     loaded = build_random_vlm(folder, device=args.device, dtype=args.dtype, seed=0,
                               text_overrides=SMOKE_TEXT if args.smoke else None,
@@ -556,9 +557,9 @@ def train_ours(res: Results, args, folder: Path, files: list[str], variants: lis
                     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             else:
                 (disable or base.gradient_checkpointing_disable)()
-            from saec.tasks.cloud.train import _drop_input_grad_hooks
+            from saec.tasks.cloud.trainable import drop_input_grad_hooks
 
-            _drop_input_grad_hooks(model)
+            drop_input_grad_hooks(model)
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type == "cuda")
@@ -570,7 +571,7 @@ def train_ours(res: Results, args, folder: Path, files: list[str], variants: lis
                 return prepare_batch(processor, loaded.family, exs, args.train_size)
 
             def run(first: int, n: int) -> None:
-                for batch in _prefetch(make, list(range(first, first + n)), pool, args.workers + 1):
+                for batch in prefetch(make, list(range(first, first + n)), pool, args.workers + 1):
                     batch = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
                     batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
                     with torch.autocast(device.type, dtype=loaded.dtype, enabled=autocast):
@@ -652,10 +653,10 @@ def main(argv: list[str] | None = None) -> None:
     train_variants = [(int(a), b == "1") for a, b in (x.split(":") for x in args.train_batches.split(","))]
     if args.smoke:
         torch.set_num_threads(2)
-    models = args.models or next((p for p in (ROOT / ".devcarry" / "models", ROOT.parent / "shared" / "models")
-                                  if (p / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file()), None)
-    if models is None:
-        raise SystemExit("no model folders: pass --models (holding Qwen2.5-VL-7B-Instruct and llava-1.5-7b-hf)")
+    models = args.models or (Path(os.environ["SAEC_MODELS_DIR"]) if os.environ.get("SAEC_MODELS_DIR") else None)
+    if models is None or not (Path(models) / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file():
+        raise SystemExit("no model folders: pass --models or set SAEC_MODELS_DIR (a folder holding "
+                         "Qwen2.5-VL-7B-Instruct and llava-1.5-7b-hf)")
     device = torch.device(args.device)
     measured = measured_matmul_tflops(device)
     args.matmul_tflops = measured or MATMUL_TFLOPS

@@ -36,13 +36,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # installed package, or the repository folders under the one name `saec`
+try:  # the installed package, as every other entry point uses it
     import saec.tasks  # noqa: F401
 except ModuleNotFoundError:
-    sys.path.insert(0, str(ROOT))
-    import saec
-
-    saec.__path__.append(str(ROOT))
+    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
+             "(where its dependencies are already there, `pip install --no-deps -e .`)")
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -51,7 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # these). Every study's draw and its results are stated in these units.
 STUDY_BASE = dict(n_train_good=80, n_test_good=80, n_test_defect_per_type=40)
 # What a draw at scale 1 trains on: every good training image, and the half of each defect type's
-# test images that the seed's SFT split (defect_train_ratio 0.5) takes.
+# test images that the published run's SFT split (defect_train_ratio 0.5) takes.
 SUBSET_GOOD, SUBSET_DEFECT = STUDY_BASE["n_train_good"], STUDY_BASE["n_test_defect_per_type"] // 2
 
 # A run: (name, seed, train overrides, tiny-model overrides, training-set scale). The scale keeps

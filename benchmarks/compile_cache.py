@@ -34,13 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(args) -> None:
     """One fresh process: build, compile and score; print one JSON line."""
     t0 = time.perf_counter()
-    try:
+    try:  # the installed package, as every other entry point uses it
         import saec.tasks  # noqa: F401
     except ModuleNotFoundError:
-        sys.path.insert(0, str(ROOT))
-        import saec
-
-        saec.__path__.append(str(ROOT))
+        sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
+                 "(where its dependencies are already there, `pip install --no-deps -e .`)")
     from saec.env import configure_offline
 
     configure_offline()
@@ -48,7 +46,7 @@ def child(args) -> None:
 
     from saec.tasks.cloud.config import CloudScoreConfig
     from saec.tasks.cloud.engine import VLMScorer
-    from saec.tasks.cloud.fast import build_random_vlm
+    from random_vlm import build_random_vlm  # benchmarks/random_vlm.py
 
     t_import = time.perf_counter()
     folder = Path(args.models) / "Qwen2.5-VL-7B-Instruct"

@@ -1,6 +1,6 @@
 """Edge throughput on the CPU: files to verdicts, the project's runtime against plain Ultralytics.
 
-Baseline (the seed's way): ``YOLO(weights).predict(file)`` one file at a time, then the
+Baseline (the published run's way): ``YOLO(weights).predict(file)`` one file at a time, then the
 confidence measures and the rule from its probabilities. Ours: `predict_edge` (threaded
 decode + batched ONNX Runtime, verdicts, Parquet written). Same checkpoint, same image
 size, same files, measured in one run on one machine, alternating, best of `--repeats`.
@@ -107,7 +107,7 @@ def seeded_checkpoint(yaml_name: str, out: Path, seed: int = 0) -> Path:
 
 
 def run_baseline(weights: Path, files: list[Path], imgsz: int) -> tuple[float, pd.DataFrame]:
-    """Plain Ultralytics: one predict() call per file, then the seed's measures and rule per image.
+    """Plain Ultralytics: one predict() call per file, then the published run's measures and rule per image.
 
     Timed from loading the checkpoint, as `predict_edge` is (both load the model once per call).
     """

@@ -7,10 +7,10 @@ What it writes first (under --work), then what it runs:
   bf16 weights, saved as safetensors shards;
 * a YOLO11s-cls checkpoint (Ultralytics' model definition, random weights);
 * an MVTec AD layout at MVTec's size (1024 x 1024 PNG, masks beside) with enough test images
-  for the seed's 500 + 500 holdout once half the defects go to SFT training, and a KolektorSDD2
+  for the published run's 500 + 500 holdout once half the defects go to SFT training, and a KolektorSDD2
   layout at its size (230 x 630), both from the project's synthetic generator;
-* `saec run` with data.source=folders, those models, the seed's edge (ImageNet rule) and
-  scoring settings, and the seed's QLoRA recipe (NF4, LoRA r=8, merger trainable) cut to
+* `saec run` with data.source=folders, those models, the published run's edge (ImageNet rule) and
+  scoring settings, and the published run's QLoRA recipe (NF4, LoRA r=8, merger trainable) cut to
   `--train-steps` optimizer steps of 16 images;
 * phase "kill": the run is killed (SIGKILL, whole process group) as soon as training has
   written its first checkpoint; phase "resume": `saec run` again, which resumes training from
@@ -60,13 +60,11 @@ PHASES = ("setup", "kill", "resume", "warm")
 
 
 def import_saec() -> None:
-    try:
+    try:  # the installed package, as every other entry point uses it
         import saec.tasks  # noqa: F401
-    except ModuleNotFoundError:  # a checkout that is not installed (e.g. copied to a GPU machine)
-        sys.path.insert(0, str(ROOT))
-        import saec
-
-        saec.__path__.append(str(ROOT))
+    except ModuleNotFoundError:
+        sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
+                 "(where its dependencies are already there, `pip install --no-deps -e .`)")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -75,7 +73,7 @@ def import_saec() -> None:
 def write_vlm(weightless: Path, folder: Path, device: str, dtype: str, overrides) -> dict:
     import torch
 
-    from saec.tasks.cloud.fast import build_random_vlm
+    from random_vlm import build_random_vlm  # benchmarks/random_vlm.py
 
     t = time.perf_counter()
     text, vision = overrides or (None, None)
@@ -127,10 +125,7 @@ def write_data(work: Path, smoke: bool, workers: int) -> dict:
 
 
 def saec_command() -> list[str]:
-    launcher = ("import sys\ntry:\n    import saec.tasks\nexcept ModuleNotFoundError:\n"
-                f"    sys.path.insert(0, {str(ROOT)!r})\n    import saec\n    saec.__path__.append({str(ROOT)!r})\n"
-                "from saec.cli import main\nsys.argv[0] = 'saec'\nmain()\n")
-    return [sys.executable, "-c", launcher]
+    return [sys.executable, "-m", "saec.cli"]
 
 
 def overrides(work: Path, args, store: Path, extra: list[str]) -> list[str]:
@@ -139,7 +134,7 @@ def overrides(work: Path, args, store: Path, extra: list[str]) -> list[str]:
         f"cloud.model={work / 'Qwen2.5-VL-7B-Instruct'}", f"cloud.llava_model={work / 'llava-1.5-7b-hf'}",
         f"edge.weights={work / 'yolo11s-cls.pt'}", "edge.mode=imagenet_rule",
         f"store.root={store}",
-        # the seed's recipe, cut to a number of optimizer steps; a checkpoint every few
+        # the published run's recipe, cut to a number of optimizer steps; a checkpoint every few
         "cloud.train.epochs=1", f"cloud.train.max_steps={args.train_steps}",
         f"cloud.train.checkpoint_every={args.checkpoint_every}",
     ]

@@ -1,5 +1,5 @@
 """The production cloud path at real size, without the flow: a saved Qwen2.5-VL-7B folder loaded in
-NF4 by `load_vlm`, QLoRA training by `train_vlm` with the seed's recipe, the adapter saved, loaded
+NF4 by `load_vlm`, QLoRA training by `train_vlm` with the published run's recipe, the adapter saved, loaded
 again and scored by `VLMScorer`.
 
 The model folder is written here: Qwen2.5-VL-7B-Instruct's real config, tokenizer, processor and
@@ -27,13 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
+try:  # the installed package, as every other entry point uses it
     import saec.tasks  # noqa: F401
 except ModuleNotFoundError:
-    sys.path.insert(0, str(ROOT))
-    import saec
-
-    saec.__path__.append(str(ROOT))
+    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
+             "(where its dependencies are already there, `pip install --no-deps -e .`)")
 
 from saec.env import configure_offline  # noqa: E402
 
@@ -56,7 +54,7 @@ def main() -> None:
     from saec.prompts import chat_messages
     from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoadConfig
     from saec.tasks.cloud.engine import VLMScorer
-    from saec.tasks.cloud.fast import build_random_vlm
+    from random_vlm import build_random_vlm  # benchmarks/random_vlm.py
     from saec.tasks.cloud.models import load_vlm
     from saec.tasks.cloud.train import train_vlm
 

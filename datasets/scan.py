@@ -135,9 +135,10 @@ def probe_candidates(
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(lambda c: _probe_one(c, max_pixels, check_masks), cands)
         if progress:
-            from rich.progress import track
+            from tqdm.auto import tqdm
 
-            results = track(results, total=len(cands), description=f"reading {dataset}", transient=True)
+            results = tqdm(results, total=len(cands), desc=f"reading {dataset}", unit="file", leave=False,
+                           dynamic_ncols=True)
         for cand, info, digest, mask in results:
             if isinstance(info, BadImage):
                 quarantine.add(cand.path, "image", info.reason, info.detail)

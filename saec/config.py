@@ -1,6 +1,6 @@
 """The pipeline's configuration: one typed section per stage, validated before any work starts.
 
-Values merge in one order, the later winning: the defaults (the seed's published
+Values merge in one order, the later winning: the defaults (the published run's
 values, and the embedded synthetic data), then a YAML file (`--config`), then
 `--set section.field=value` overrides on the command line.
 """
@@ -29,7 +29,7 @@ SYSTEMS = ("saec", "edge_only", "cloud_only", "qwen_zeroshot", "llava_zeroshot")
 
 # Per category: 160 good training images, 160 good and 80 per defect type in `test/`. The SFT
 # split takes half of the test defects (40 per type, 1,280 training images in all) and the
-# holdout the seed's 500 + 500 from the rest.
+# holdout the published run's 500 + 500 from the rest.
 EMBEDDED_SYNTHETIC = dict(
     mvtec_size=128, defect_visibility=6.0, n_train_good=160, n_test_good=160, n_test_defect_per_type=80
 )
@@ -39,7 +39,7 @@ WORLD_SYNTHETIC = dict(
     seed=7, categories=["tile", "leather", "pill"], mvtec_size=128, defect_visibility=6.0,
     n_train_good=200, n_test_good=60, n_test_defect_per_type=140,
 )
-# The embedded cloud model's verdict threshold. The seed's 0.26 is calibrated for the 7B
+# The embedded cloud model's verdict threshold. The published run's 0.26 is calibrated for the 7B
 # model's probabilities on real MVTec AD; the tiny model learns from scratch on a 1:1 SFT split,
 # where 0.5 is the unbiased cut. On a second synthetic draw (generator seed 31) 0.5 was the
 # better of the two in every one of 26 recipe-study runs (benchmarks/results/cloud_recipes_*.json).
@@ -108,7 +108,7 @@ class CloudConfig(BaseModel):
         The embedded tuned model is scored at the size it was fine-tuned at, with the eight flips
         and turns on the categories its training turned (test-time augmentation), since that is
         how it learned to see them; the zero-shot stand-ins at the size they were pretrained at
-        (as the seed scores its tuned model at 512 px and the zero-shot ones at 448).
+        (as the published run scores its tuned model at 512 px and the zero-shot ones at 448).
         """
         values: dict[str, Any] = {"model": model_path}
         if self.embedded:

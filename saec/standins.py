@@ -14,8 +14,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from saec.errors import ActionableError
+
 FOLDER = Path(__file__).resolve().parent / "pretrained"
 Name = Literal["qwen", "llava", "edge"]
+
+
+class StandinsMissing(ActionableError, FileNotFoundError):
+    """The package's stand-in files are not where the package keeps them."""
 
 
 def standin(name: Name) -> Path:
@@ -26,4 +32,8 @@ def standin(name: Name) -> Path:
 @lru_cache(maxsize=None)
 def image_size(name: Literal["qwen", "llava"] = "qwen") -> int:
     """The side of the square images the stand-in was pretrained on."""
-    return int(json.loads((FOLDER / name / "saec_tiny.json").read_text())["recipe"]["image_size"])
+    record = FOLDER / name / "saec_tiny.json"
+    if not record.is_file():
+        raise StandinsMissing(f"the embedded stand-ins are missing ({record} does not exist): reinstall the saec "
+                              "package, or set cloud.model (and cloud.llava_model, edge.weights) to your own models")
+    return int(json.loads(record.read_text())["recipe"]["image_size"])

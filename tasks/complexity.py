@@ -28,14 +28,14 @@ import cv2
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tqdm.auto import tqdm
 
 from saec.artifacts.hashing import sha256_file
 from saec.artifacts.store import FileRef, write_table
 from saec.tasks.edge.config import available_cores
 from saec.tasks.edge.preprocess import decode_bgr
 
-# The seed's weights and scales.
+# The published run's weights and scales.
 W_H, W_E, W_L, W_G, W_R = 0.30, 0.25, 0.20, 0.15, 0.10
 L_SCALE, G_SCALE, R_SCALE = 8.0, 16.0, 255.0
 COMPONENTS = ("H", "E", "L", "G", "R")
@@ -78,7 +78,7 @@ def components(grey: np.ndarray, cfg: ComplexityConfig) -> dict[str, float]:
 
 
 def combine(h: Any, e: Any, lap: Any, g: Any, r: Any) -> Any:
-    """The seed's weighted sum (works on scalars and arrays)."""
+    """The published run's weighted sum (works on scalars and arrays)."""
     return W_H * h + W_E * e + W_L * np.log1p(lap) / L_SCALE + W_G * g / G_SCALE + W_R * r / R_SCALE
 
 
@@ -121,15 +121,12 @@ def complexity_scores(images: pd.DataFrame | Sequence[str | Path], cfg: Complexi
     paths = list(df.path)
     threads = cfg.threads or available_cores()
     rows: list[dict[str, float]] = []
-    progress = Progress(
-        TextColumn("[bold]scene complexity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not (cfg.progress and len(paths) > 64), transient=True,
-    )
+    progress = tqdm(total=len(paths), desc="scene complexity", unit="img", leave=False, dynamic_ncols=True,
+                    disable=not (cfg.progress and len(paths) > 64))
     with progress, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="complexity") as pool:
-        task = progress.add_task("complexity", total=len(paths))
         for row in pool.map(score_image, paths, [cfg] * len(paths), chunksize=1):
             rows.append(row)
-            progress.advance(task)
+            progress.update(1)
     scores = pd.DataFrame(rows, columns=["complexity", *COMPONENTS], dtype=np.float64)
     out = pd.concat([df[["image_id", "path"]], scores], axis=1)
     out["cpx_size"] = np.int32(cfg.cpx_size)

@@ -40,8 +40,8 @@ class HoldoutConfig(BaseModel):
 
     `balance` says what happens when `test/` (less the SFT training images) holds fewer images of
     a class than asked: "cap_to_smaller" (the default) shrinks both classes by the same factor, so
-    the holdout keeps the asked ratio (1:1 for the seed's 500 + 500) and its accuracy stays
-    comparable with the seed's, which is measured on equal classes; "as_available" takes what
+    the holdout keeps the asked ratio (1:1 for the published run's 500 + 500) and its accuracy stays
+    comparable with the published run's, which is measured on equal classes; "as_available" takes what
     there is of each class, and accuracy then leans toward the larger class (balanced accuracy is
     reported either way). Either way the run warns and every report states the counts.
     """

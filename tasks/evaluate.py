@@ -24,7 +24,7 @@ RULE_FIELDS = {"smax_thr", "margin_thr", "ent_thr", "keep_bidir", "bidir_margin_
 
 @stage("complexity", task="complexity", observe=("telemetry",))
 def complexity_task(out: Path, images: StageResult, table: str, cfg: ComplexityConfig, telemetry: TelemetryConfig) -> Built:
-    """The seed's scene-complexity score of every image, measured."""
+    """The published run's scene-complexity score of every image, measured."""
     frame, summary, samples = measure(lambda: complexity_scores(images.table(table), cfg), telemetry)
     ref = write_table(frame, "complexity", out / "complexity.parquet")
     write_table(samples, "telemetry", out / "telemetry.parquet")

@@ -1,4 +1,4 @@
-"""The evaluation report: a metrics table per system, figures in the manner of the seed's, markdown."""
+"""The evaluation report: a metrics table per system, figures in the manner of the published run's, markdown."""
 from __future__ import annotations
 
 import math

@@ -15,7 +15,7 @@ Two rules, in order (SEED-ALGORITHMS §4):
 
    smax, margin and entropy describe the edge's confidence *in the verdict it gave*.
    For the supervised edge (two classes, good/defect) that makes the defect branch
-   live: a confident defect verdict stays at the edge. For the seed's ImageNet
+   live: a confident defect verdict stays at the edge. For the published run's ImageNet
    rule the verdict itself is "defect iff the three tests fail", so no defect
    verdict can ever pass them; the routing table says so (`bidir_live = False`)
    rather than pretending the switch does something.

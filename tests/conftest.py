@@ -17,8 +17,25 @@ from saec.env import configure_offline  # noqa: E402
 
 configure_offline()
 
-SHARED = Path(os.environ.get("SAEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-SHARED_MODELS = SHARED / "models"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A module of benchmarks/ (helpers the benchmarks and these tests share), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"saec_benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The published Hugging Face folders Qwen2.5-VL-7B-Instruct and llava-1.5-7b-hf (configs, tokenizers,
+# processors and chat templates; no weights needed) for the contract and numerics tests: SAEC_MODELS_DIR
+# names the folder that holds them. Unset, those tests skip and say so.
+MODELS = Path(os.environ.get("SAEC_MODELS_DIR") or "/SAEC_MODELS_DIR-is-unset").expanduser()
+MODELS_SKIP = ("needs the published model folders: set SAEC_MODELS_DIR to a folder holding Qwen2.5-VL-7B-Instruct "
+               "and llava-1.5-7b-hf (configs, tokenizers, processors; no weights needed)")
 
 # A pipeline small enough for a test: two categories, a few images, one epoch, two cloud steps.
 SMALL_PIPELINE = [
@@ -37,7 +54,7 @@ SMALL_PIPELINE = [
 
 @pytest.fixture(scope="module")
 def two_torch_threads():
-    """Model tests run with two intra-op threads, as on the 2-core CI machine, whatever the host."""
+    """Model tests run with two intra-op threads, as on a 2-core machine, whatever the host."""
     import torch
 
     old = torch.get_num_threads()

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import MODELS, MODELS_SKIP
 
-SHARED_MODELS = SHARED / "models"
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -63,12 +62,12 @@ def test_cloud_cpu_train_benchmark(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.shared
-@pytest.mark.skipif(not (SHARED_MODELS / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file()
-                    or not (SHARED_MODELS / "llava-1.5-7b-hf" / "config.json").is_file(),
-                    reason=f"weightless model folders not found under {SHARED_MODELS}")
+@pytest.mark.skipif(not (MODELS / "Qwen2.5-VL-7B-Instruct" / "config.json").is_file()
+                    or not (MODELS / "llava-1.5-7b-hf" / "config.json").is_file(),
+                    reason=MODELS_SKIP)
 def test_cloud_gpu_benchmark_smoke(tmp_path):
     out = tmp_path / "gpu.json"
-    bench("cloud_gpu.py", "--smoke", "--models", str(SHARED_MODELS), "--out", str(out))
+    bench("cloud_gpu.py", "--smoke", "--models", str(MODELS), "--out", str(out))
     rec = json.loads(out.read_text())
     assert rec["errors"] == []
     assert {r["variant"] for r in rec["scoring"]} >= {"plain", "fast"}
@@ -120,7 +119,8 @@ def test_recipe_study_draw_regen_and_run(tmp_path):
     assert rec["epochs_override"] == 1 and rec["draw"]["holdout"] == 160
     (run,) = rec["runs"]
     # the study's pinned recipe, with --epochs over it
-    assert run["name"] == "x1_24ep" and run["train_overrides"] == {"epochs": 1, "augment_lighting": 0.0}
+    assert run["name"] == "x1_24ep" and run["train_overrides"] == {"trainable": "lora+vision", "train_output_layer": True,
+                                                                   "epochs": 1, "augment_lighting": 0.0}
     # scale 1 keeps at most 80 goods per category and 20 images per defect type of the SFT list
     listed = [json.loads(line) for line in open(draw / "sft_train.jsonl")]
     assert run["train_images"] == len(subset(listed, 1)) < len(listed) == 160

@@ -67,6 +67,7 @@ def copy_project(dest: Path) -> Path:
     (src / "saec").mkdir(parents=True)
     for f in (ROOT / "saec").glob("*.py"):
         shutil.copy2(f, src / "saec" / f.name)
+    shutil.copytree(ROOT / "saec" / "pretrained", src / "saec" / "pretrained")  # package data: the stand-ins
     for name in PACKAGES:
         shutil.copytree(ROOT / name, src / "saec" / name, ignore=shutil.ignore_patterns("__pycache__"))
     return src

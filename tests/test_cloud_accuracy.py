@@ -21,6 +21,7 @@ import json
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -37,7 +38,8 @@ def test_the_embedded_fine_tune_reaches_its_accuracy_floor(tmp_path):
     from saec.datasets.synthetic import SyntheticConfig, generate_all
     from saec.standins import standin
     from saec.tasks.cloud.engine import VLMScorer
-    from saec.tasks.cloud.train import classification_metrics, train_vlm
+    from saec.tasks.cloud.train import train_vlm
+    from saec.tasks.metrics import classification_metrics
     from saec.tasks.data import HoldoutConfig, build_holdout
     from saec.tasks.sft import SFTConfig, split_sft, write_jsonl
 
@@ -61,7 +63,8 @@ def test_the_embedded_fine_tune_reaches_its_accuracy_floor(tmp_path):
     scores = read_table(info["path"]).set_index("image_id").loc[holdout.image_id]
     p = scores.p_defect.to_numpy()
     labels = holdout.label.to_numpy()
-    metrics = classification_metrics(labels, (p >= embedded.routing.cloud_thr).astype(int), p)
+    metrics = classification_metrics(pd.DataFrame({"label": labels, "pred": (p >= embedded.routing.cloud_thr).astype(int),
+                                                   "score": p, "branch": "cloud"}))
     # the stand-in as shipped, scored as the zero-shot baseline is
     zero_cfg = embedded.score_config(str(model), baseline=True).model_copy(update={"progress": False})
     zero = read_table(VLMScorer(zero_cfg).score_manifest(holdout, tmp_path / "zero.parquet")["path"])

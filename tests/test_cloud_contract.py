@@ -1,4 +1,4 @@
-"""Contract tests against the real (weightless) Qwen2.5-VL-7B and LLaVA-1.5 folders in ../shared/models.
+"""Contract tests against the real (weightless) Qwen2.5-VL-7B and LLaVA-1.5 folders under SAEC_MODELS_DIR.
 
 They check what real weights would see: the scoring prompt, label-token ids, visual-token counts,
 and that the parameter names the project trains and saves exist in the real checkpoints. Models
@@ -18,7 +18,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from conftest import SHARED  # noqa: E402
+from conftest import MODELS, MODELS_SKIP  # noqa: E402
 from saec.artifacts.hashing import sha256_file  # noqa: E402
 from saec.prompts import ANSWER_PREFIX, INSTRUCTION, chat_messages  # noqa: E402
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig  # noqa: E402
@@ -34,13 +34,13 @@ from saec.tasks.cloud.models import (  # noqa: E402
 )
 from saec.tasks.cloud.train import train_vlm  # noqa: E402
 
-QWEN = SHARED / "models" / "Qwen2.5-VL-7B-Instruct"
-LLAVA = SHARED / "models" / "llava-1.5-7b-hf"
+QWEN = MODELS / "Qwen2.5-VL-7B-Instruct"
+LLAVA = MODELS / "llava-1.5-7b-hf"
 
 pytestmark = [
     pytest.mark.shared,
     pytest.mark.skipif(not (QWEN / "config.json").is_file() or not (LLAVA / "config.json").is_file(),
-                       reason=f"weightless model folders not found under {SHARED / 'models'}"),
+                       reason=MODELS_SKIP),
 ]
 
 PROCESSOR_FILES = {
@@ -144,7 +144,7 @@ def test_qwen_prompt_and_label_tokens(qwen_processor):
 def test_qwen_explanation_turn_renders_as_the_engine_asks(qwen_processor, tmp_path):
     from saec.tasks.cloud.engine import explain_prompt
     from saec.tasks.cloud.explain import EXPLAIN_INSTRUCTION
-    from saec.tasks.cloud.train import ExplainTurn, SFTRow, build_examples
+    from saec.tasks.cloud.sft_examples import ExplainTurn, SFTRow, build_examples
 
     prompt = explain_prompt(qwen_processor)
     assert prompt.count("<|image_pad|>") == 1

@@ -403,3 +403,17 @@ def test_scoring_spread_over_two_processes_merges_shards_in_manifest_order(tiny,
     assert two.cache_key_view() != cfg.cache_key_view()
     with pytest.raises(ValueError, match="devices is empty"):
         CloudScoreConfig(model=str(tiny), devices=())
+
+
+def test_one_scorer_called_from_several_threads_scores_each_call_as_asked(tiny, images):
+    """A scorer shared by threads (a server handling requests): each call keeps its own test-time
+    augmentation; calls take turns rather than see each other's settings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer, _ = _tta_scorers(tiny, "dihedral")
+    alone = {t: scorer.score(images[:3], tta=t)["p_defect"] for t in ("none", "dihedral")}
+    assert np.abs(alone["none"] - alone["dihedral"]).max() > 1e-4  # the two calls differ
+    with ThreadPoolExecutor(4) as pool:
+        calls = [(t, pool.submit(scorer.score, images[:3], tta=t)) for _ in range(3) for t in ("none", "dihedral")]
+        for tta, call in calls:
+            np.testing.assert_allclose(call.result()["p_defect"], alone[tta], atol=1e-6)

@@ -14,10 +14,10 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from conftest import SHARED  # noqa: E402
+from conftest import MODELS, MODELS_SKIP  # noqa: E402
 
-QWEN = SHARED / "models" / "Qwen2.5-VL-7B-Instruct"
-pytestmark = pytest.mark.skipif(not (QWEN / "config.json").is_file(), reason=f"{QWEN} is absent")
+QWEN = MODELS / "Qwen2.5-VL-7B-Instruct"
+pytestmark = pytest.mark.skipif(not (QWEN / "config.json").is_file(), reason=MODELS_SKIP)
 
 from saec.env import configure_offline  # noqa: E402
 
@@ -27,13 +27,15 @@ from saec.tasks.cloud.config import CloudScoreConfig  # noqa: E402
 from saec.tasks.cloud.engine import VLMScorer, answer_logprobs, build_prompt_spec, encode  # noqa: E402
 from saec.tasks.cloud.fast import (  # noqa: E402
     FastPathError,
-    build_random_vlm,
     install_fast_path,
     keep_positions,
     uninstall_fast_path,
     vision_attention_groups,
 )
+from conftest import benchmark_module  # noqa: E402
 from test_cloud_engine import assert_device_preparation_matches_processor  # noqa: E402
+
+build_random_vlm = benchmark_module("random_vlm").build_random_vlm
 
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12],
@@ -175,9 +177,9 @@ def test_fused_language_layers_match_library_forward(images):
 
 
 def test_llava_is_left_untouched():
-    folder = SHARED / "models" / "llava-1.5-7b-hf"
+    folder = MODELS / "llava-1.5-7b-hf"
     if not (folder / "config.json").is_file():
-        pytest.skip(f"{folder} is absent")
+        pytest.skip(MODELS_SKIP)
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     cfg = AutoConfig.from_pretrained(folder)

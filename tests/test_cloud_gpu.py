@@ -2,8 +2,8 @@
 compiled vision blocks and decoder layers, pixels prepared on the GPU) and agrees with the plain
 forward.
 
-Skipped without CUDA (CI has none); run on a GPU machine with the weightless model folders
-(`SAEC_SHARED` pointing at a folder holding `models/`).
+Skipped without CUDA; run it on a GPU machine with SAEC_MODELS_DIR naming the folder that holds
+the published (weightless) model folders.
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED
+from conftest import MODELS, MODELS_SKIP
 
 torch = pytest.importorskip("torch")
-QWEN = SHARED / "models" / "Qwen2.5-VL-7B-Instruct"
+QWEN = MODELS / "Qwen2.5-VL-7B-Instruct"
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not (QWEN / "config.json").is_file(), reason=f"{QWEN} is absent"),
+    pytest.mark.skipif(not (QWEN / "config.json").is_file(), reason=MODELS_SKIP),
 ]
 
 TEXT = dict(num_hidden_layers=4)
@@ -27,7 +27,9 @@ VISION = dict(depth=8, fullatt_block_indexes=[3, 7])  # real widths, real window
 def test_engine_selects_fast_path_on_cuda_and_matches_reference(tmp_path):
     from saec.tasks.cloud.config import CloudScoreConfig
     from saec.tasks.cloud.engine import VLMScorer
-    from saec.tasks.cloud.fast import build_random_vlm
+    from conftest import benchmark_module
+
+    build_random_vlm = benchmark_module("random_vlm").build_random_vlm
 
     rng = np.random.default_rng(0)
     paths = []

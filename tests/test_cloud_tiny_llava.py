@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from conftest import SHARED
+from conftest import MODELS, MODELS_SKIP
 from saec.artifacts.hashing import sha256_file
 from saec.prompts import INSTRUCTION, answer, chat_messages
 from saec.tasks.cloud.tiny_llava import (
@@ -25,8 +25,8 @@ from saec.tasks.cloud.tiny_llava import (
     build_tiny_llava,
 )
 
-REAL = SHARED / "models" / "llava-1.5-7b-hf"
-needs_real = pytest.mark.skipif(not (REAL / "config.json").is_file(), reason=f"real LLaVA folder {REAL} is absent")
+REAL = MODELS / "llava-1.5-7b-hf"
+needs_real = pytest.mark.skipif(not (REAL / "config.json").is_file(), reason=MODELS_SKIP)
 
 # Files of the published folder the tiny one does not write: the SentencePiece model (the fast
 # tokenizer.json is complete without it) and the shard index (one model.safetensors instead).

@@ -23,19 +23,18 @@ from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, ModelLoa
 from saec.tasks.cloud.engine import VLMScorer  # noqa: E402
 from saec.tasks.cloud.models import ModelLoadError, load_vlm  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
-from saec.tasks.cloud.train import (  # noqa: E402
-    Augmentation,
+from saec.tasks.cloud.augment import Augmentation  # noqa: E402
+from saec.tasks.cloud.checkpoints import ResumeError, WeightAverage  # noqa: E402
+from saec.tasks.cloud.sft_examples import (  # noqa: E402
     Example,
-    ResumeError,
     SFTDataError,
-    WeightAverage,
     answer_loss,
     build_examples,
     prepare_batch,
     read_sft,
-    setup_trainable,
-    train_vlm,
 )
+from saec.tasks.cloud.train import train_vlm  # noqa: E402
+from saec.tasks.cloud.trainable import setup_trainable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,8 +76,9 @@ def sft(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(model: Path, **kw) -> CloudTrainConfig:
+    """The embedded recipe at test size, on a tiny model with random weights (so its output layer trains too)."""
     base = dict(epochs=1, batch_size=4, resize=56, progress=False, checkpoint_every=2, augment="none",
-                augment_lighting=0.0)
+                augment_lighting=0.0, train_output_layer=True)
     return CloudTrainConfig.tiny(model, **{**base, **kw})
 
 
@@ -152,7 +152,7 @@ def test_lora_targets_the_language_model_only(tiny, sft):
 
 
 def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, tmp_path):
-    from saec.tasks.cloud.train import augment_ops
+    from saec.tasks.cloud.augment import augment_ops
 
     loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
     loaded.processor.tokenizer.padding_side = "right"
@@ -186,7 +186,7 @@ def test_augmentation_is_reproducible_and_limited_to_its_categories(tiny, sft, t
 
 def test_explanation_boxes_follow_resize_turns_and_shifts():
     from saec.tasks.cloud.explain import ExplainTarget, map_boxes
-    from saec.tasks.cloud.train import shift_image
+    from saec.tasks.cloud.augment import shift_image
 
     mask = np.zeros((60, 90), np.uint8)  # not square, so turns swap the sides; edges even, so halving is exact
     mask[12:30, 10:28] = 255
@@ -220,7 +220,7 @@ def test_explanation_boxes_follow_resize_turns_and_shifts():
 def test_explanation_turn_trains_on_both_answers(tiny, tmp_path):
     from saec.tasks.cloud.engine import explain_prompt
     from saec.tasks.cloud.explain import map_boxes
-    from saec.tasks.cloud.train import ExplainTurn
+    from saec.tasks.cloud.sft_examples import ExplainTurn
 
     path = write_sft(tmp_path / "sft", 4, seed=3, explain=True)
     loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
@@ -258,7 +258,7 @@ def test_explanation_turn_trains_on_both_answers(tiny, tmp_path):
 
 
 def test_shift_and_lighting_move_and_relight_pixels():
-    from saec.tasks.cloud.train import relight_image, shift_image
+    from saec.tasks.cloud.augment import relight_image, shift_image
 
     arr = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     im = Image.fromarray(arr)
@@ -281,7 +281,7 @@ def test_shift_and_lighting_move_and_relight_pixels():
 
 
 def test_augmentation_plan_draws_each_kind_from_its_own_stream(tiny, sft, tmp_path):
-    from saec.tasks.cloud.train import augment_plan
+    from saec.tasks.cloud.augment import augment_plan
 
     loaded = load_vlm(ModelLoadConfig(model=str(tiny)))
     rows = read_sft(sft)
@@ -551,7 +551,7 @@ def test_micro_batches_split_a_step_without_changing_its_gradient(tiny, sft, tmp
 def test_the_smaller_class_is_oversampled_to_balance_every_epoch(tiny, tmp_path):
     """Three goods to one defect in the SFT data: each epoch trains on as many defects as goods
     (repeats of the defects), the summary says both counts; balance=none trains as the data comes."""
-    from saec.tasks.cloud.train import balance_examples
+    from saec.tasks.cloud.sft_examples import balance_examples
 
     lines = write_sft(tmp_path / "d", 16).read_text().splitlines()
     kept = [ln for i, ln in enumerate(lines) if json.loads(ln)["label"] == 0 or i % 6 == 1]  # 8 good, 3 defect

@@ -1,4 +1,4 @@
-"""The seed's scene complexity: each component against an independent numpy computation."""
+"""The published run's scene complexity: each component against an independent numpy computation."""
 from __future__ import annotations
 
 import io

@@ -160,7 +160,7 @@ def test_defect_examples_carry_the_boxes_of_their_masks(mvtec_tree, tmp_path):
     n_defects = sum(r["label"] for r in rows)
     assert counts == {"ok": n_defects - 3, "no_mask": 2, "empty_mask": 1}
     # the training reader accepts what the SFT stage writes, and refuses a target on a good image
-    from saec.tasks.cloud.train import SFTDataError, read_sft
+    from saec.tasks.cloud.sft_examples import SFTDataError, read_sft
 
     assert sum(r.explain is not None for r in read_sft(tmp_path / "all.jsonl")) == n_defects - 3
     good = next(r for r in rows if r["label"] == 0)

@@ -1,4 +1,4 @@
-"""Confidence measures, the seed's rule, calibration quantiles and config validation (no model)."""
+"""Confidence measures, the published run's rule, calibration quantiles and config validation (no model)."""
 from __future__ import annotations
 
 import math

@@ -16,9 +16,11 @@ from saec.artifacts.schemas import SCHEMAS
 from saec.artifacts.store import read_table
 from saec.datasets.images import BadImage
 from saec.tasks.edge import model as edge_model
+from saec.tasks.edge import runtime as edge_runtime
 from saec.tasks.edge.config import EdgeConfig, Thresholds
 from saec.tasks.edge.measures import rule_verdict
-from saec.tasks.edge.model import EdgeModelError, load_classifier, onnx_for
+from saec.tasks.edge.model import EdgeModelError, load_classifier
+from saec.tasks.edge.runtime import onnx_for
 from saec.tasks.edge.predict import calibrate_thresholds, predict_edge, run_edge
 from saec.tasks.edge.preprocess import classify_uint8, decode_bgr, load_classify, to_nchw_float
 
@@ -140,7 +142,7 @@ def test_onnx_cache_by_weights_and_size(spread_weights, tmp_path):
     assert again == first and again.stat().st_mtime_ns == stamp  # reused, not exported again
     other = onnx_for(model, IMGSZ + 32, tmp_path)
     assert other != first and other.name.startswith(model.model_id)
-    meta = edge_model.read_onnx_meta(first)
+    meta = edge_runtime.read_onnx_meta(first)
     check = meta["verification_vs_torch"]
     assert check["max_logit_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"]) and meta["imgsz"] == IMGSZ
 
@@ -226,7 +228,7 @@ def test_auto_runtime_falls_back_to_torch_with_a_reason(images, spread_weights, 
     def broken(*_a, **_k):
         raise RuntimeError("no ONNX today")
 
-    monkeypatch.setattr(edge_model, "onnx_for", broken)
+    monkeypatch.setattr(edge_runtime, "onnx_for", broken)
     df, info = run_edge(_rule_cfg(spread_weights), [str(images[0])], tmp_path)
     assert info["runtime"] == "torch" and "no ONNX today" in info["runtime_fallback_reason"]
     with pytest.raises(RuntimeError, match="no ONNX today"):

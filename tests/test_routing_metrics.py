@@ -117,7 +117,7 @@ def test_embedded_model_has_its_own_threshold_and_scoring(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a model folder as the configuration checks it
     (tmp_path / "model.safetensors").write_bytes(b"")
     real = load_config(None, [f"cloud.model={tmp_path}"])
-    assert real.routing.cloud_thr == RoutingConfig().cloud_thr == 0.26  # the seed's value for a real model
+    assert real.routing.cloud_thr == RoutingConfig().cloud_thr == 0.26  # the published run's value for a real model
     assert real.cloud.score_config("m").tta == "none"
     no_turns = load_config(None, ["cloud.train.augment=none"])
     assert no_turns.cloud.score_config("m").tta == "none"

@@ -12,16 +12,16 @@ from PIL import Image
 from pydantic import ValidationError
 
 from saec.artifacts.hashing import hash_tree, tree_files
+from difficulty_probe import linear_cv_accuracy, quality_probe
 from saec.datasets.synthetic import (
     CATEGORIES,
     DEFAULT_CATEGORIES,
+    WORLD_CATEGORIES,
     KSDD2_MODE,
     SyntheticConfig,
-    _logreg_cv,
     generate_all,
     generate_ksdd2,
     generate_mvtec,
-    quality_probe,
     render_ksdd2_sample,
     render_mvtec_sample,
     sample_rng,
@@ -46,15 +46,17 @@ def _names(folder: Path) -> set[str]:
 # ----------------------------------------------------------------------------- config
 
 
-def test_config_defaults() -> None:
+def test_the_default_draw_covers_both_modes_and_kinds_and_the_pretraining_world_shares_none_of_it() -> None:
     cfg = SyntheticConfig()
-    assert cfg.categories == list(DEFAULT_CATEGORIES)
-    modes = {CATEGORIES[c].mode for c in cfg.categories}
-    kinds = {CATEGORIES[c].kind for c in cfg.categories}
-    assert modes == {"L", "RGB"} and kinds == {"texture", "object"}
-    assert all(3 <= len(CATEGORIES[c].defect_types) <= 4 for c in cfg.categories)
-    assert cfg.ksdd2_size == (116, 320)
-    assert cfg.ksdd2_n_defect("train") == 40 and cfg.ksdd2_n_defect("test") == 20
+    assert {CATEGORIES[c].mode for c in cfg.categories} == {"L", "RGB"}
+    assert {CATEGORIES[c].kind for c in cfg.categories} == {"texture", "object"}
+    # the stand-ins' pretraining world: neither an evaluated category nor an evaluated defect kind
+    assert not set(WORLD_CATEGORIES) & set(cfg.categories)
+    shown = {d for c in cfg.categories for d in CATEGORIES[c].defect_types}
+    assert shown and not {d for c in WORLD_CATEGORIES for d in CATEGORIES[c].defect_types} & shown
+    # KSDD2 defects per split: the rate applied and rounded, never leaving a class empty
+    for n, rate, expected in [(2, 0.01, 1), (10, 0.5, 5), (10, 0.99, 9), (101, 0.25, 25), (240, 0.25, 60)]:
+        assert SyntheticConfig(ksdd2_n_train=n, ksdd2_defect_rate=rate).ksdd2_n_defect("train") == expected
 
 
 @pytest.mark.parametrize(
@@ -244,8 +246,8 @@ def test_probe_classifier_detects_separable_features() -> None:
     y = np.r_[np.zeros(40, int), np.ones(40, int)]
     x = rng.normal(size=(80, 5))
     x[:, 2] += 6.0 * y
-    assert _logreg_cv(x, y, folds=5, seed=0) > 0.95
-    assert _logreg_cv(rng.normal(size=(80, 5)), y, folds=5, seed=0) < 0.8
+    assert linear_cv_accuracy(x, y, folds=5, seed=0) > 0.95
+    assert linear_cv_accuracy(rng.normal(size=(80, 5)), y, folds=5, seed=0) < 0.8
 
 
 def test_task_is_not_trivial_for_global_statistics(default_data: tuple[Path, dict, SyntheticConfig]) -> None:

@@ -1,7 +1,7 @@
 """Typed configuration of the cloud branch: the embedded model, loading, training and scoring.
 
-Defaults are the values the SAEC scripts publish (see the design notes, section 2). Every
-config validates at construction, so a bad value fails before any model is loaded.
+Defaults are the values the published SAEC scripts use (the paper's run; README, "The published
+SAEC run"). Every config validates at construction, so a bad value fails before any model is loaded.
 """
 from __future__ import annotations
 

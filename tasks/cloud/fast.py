@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["install_fast_path", "uninstall_fast_path", "build_random_vlm", "FastPathError", "vision_attention_groups",
+__all__ = ["install_fast_path", "uninstall_fast_path", "FastPathError", "vision_attention_groups",
            "keep_positions"]
 
 
@@ -218,8 +218,6 @@ def _make_visual_forward(library_forward, stats: dict):
 
 
 def _make_rope_index(original, stats: dict):
-    import torch
-
     def get_rope_index(input_ids, *args, **kwargs):
         grid = kwargs.get("image_grid_thw")
         mask = kwargs.get("attention_mask")
@@ -467,14 +465,6 @@ def _language_unsupported(inner) -> str | None:
     return None
 
 
-def _mrope_sections(cfg) -> list[int] | None:
-    for name in ("rope_parameters", "rope_scaling"):
-        params = getattr(cfg, name, None)
-        if isinstance(params, dict) and params.get("mrope_section"):
-            return list(params["mrope_section"])
-    return None
-
-
 def _install_language(inner, compiled: dict) -> dict:
     """Replace every decoder layer's forward by one compiled layer function (weights as arguments).
 
@@ -484,33 +474,14 @@ def _install_language(inner, compiled: dict) -> dict:
     `keep_positions` when that is in effect.
     """
     import torch
-    import transformers
 
     compiler = compiled.get("compiler")
     layer_fn = _compiled("text_layer", _text_layer, compiler, rows={0: [0, 1], 1: [0, 1], 2: [0, 1], 3: [0, 2, 3]})
     layer_at_fn = _compiled("text_layer_at", _text_layer_at, compiler,
                             rows={0: [0, 1], 1: 0, 2: [0, 1], 3: [0, 1], 4: [0, 2, 3]})
     lm = inner.language_model
-    cfg = lm.config
-    sections = _mrope_sections(cfg)
-    returns_tuple = int(transformers.__version__.split(".")[0]) < 5
-    state: dict[str, Any] = {"keep": None, "trimmed": False, "fast_calls": 0, "library_calls": 0,
-                             "merged_rope": [None, None]}
+    state: dict[str, Any] = {"keep": None, "trimmed": False, "fast_calls": 0, "library_calls": 0}
     n_layers = len(lm.layers)
-
-    def merged(cos, sin):
-        """[3, B, T, D] per-axis rotary tables (older library versions) merged into [B, T, D]."""
-        if cos.dim() == 3:
-            return cos, sin
-        cached = state["merged_rope"]
-        if cached[0] is cos:
-            return cached[1]
-        if sections is None:
-            raise FastPathError("3-D rotary tables without mrope_section in the config")
-        split = sections * 2
-        out = tuple(torch.cat([m[i % 3] for i, m in enumerate(t.split(split, dim=-1))], dim=-1) for t in (cos, sin))
-        state["merged_rope"] = [cos, out]
-        return out
 
     def make(index: int, library_forward):
         last = index == n_layers - 1
@@ -522,7 +493,7 @@ def _install_language(inner, compiled: dict) -> dict:
                     or (torch.is_grad_enabled() and hidden_states.requires_grad)):
                 state["library_calls"] += 1
                 return library_forward(hidden_states, *args, **kwargs)
-            cos, sin = merged(*pe)
+            cos, sin = pe  # [B, T, D]: the rotary embedding has merged M-RoPE's sections
             attn, mlp = self.self_attn, self.mlp
             mask = kwargs.get("attention_mask")
             weights = (self.input_layernorm.weight, float(self.input_layernorm.variance_epsilon),
@@ -537,7 +508,7 @@ def _install_language(inner, compiled: dict) -> dict:
             else:
                 out = layer_fn(hidden_states, cos, sin, mask, *weights)
             state["fast_calls"] += 1
-            return (out,) if returns_tuple else out
+            return out
 
         return forward
 
@@ -708,46 +679,3 @@ def uninstall_fast_path(model) -> None:
     for layer in getattr(language, "layers", []):
         layer.__dict__.pop("forward", None)  # the fused weights stay: the modules' weights are views of them
     base._saec_fast_path = None
-
-
-# --------------------------------------------------------------------------- random-weight models
-
-
-def build_random_vlm(folder, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                     text_overrides: dict | None = None, vision_overrides: dict | None = None):
-    """A `LoadedVLM` of the architecture in `folder`'s config.json with random weights.
-
-    The processor (tokenizer, image processor, chat template) is the folder's own, so token
-    counts are the real ones. Overrides change sub-config fields (e.g. depth for tests on a CPU).
-    For benchmarks and numerics tests of weightless model folders; real scoring loads weights
-    through `models.load_vlm`.
-    """
-    from pathlib import Path
-
-    import torch
-    from transformers import AutoConfig
-
-    from saec.artifacts.hashing import canonical_json, sha256_text
-    from saec.tasks.cloud.models import LoadedVLM, detect_family, load_processor, model_class
-
-    folder = Path(folder).resolve()
-    family = detect_family(folder)
-    cfg = AutoConfig.from_pretrained(folder)
-    for sub, overrides in (("text_config", text_overrides), ("vision_config", vision_overrides)):
-        for key, value in (overrides or {}).items():
-            target = getattr(cfg, sub)
-            if not hasattr(target, key):
-                raise ValueError(f"{sub} of {folder.name} has no field {key!r}")
-            setattr(target, key, value)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = model_class(family)._from_config(cfg, dtype=torch_dtype, attn_implementation="sdpa")
-    model.eval()
-    ident = sha256_text(canonical_json({"config": cfg.to_dict(), "seed": seed, "random": True}))
-    return LoadedVLM(
-        model=model, processor=load_processor(folder), family=family, model_dir=folder, model_id=ident,
-        adapter_dir=None, adapter_id=None, device=dev, dtype=torch_dtype, quantization="none",
-        info={"torch_dtype": dtype, "attn_implementation": "sdpa", "random_weights": True},
-    )

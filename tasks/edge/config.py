@@ -2,7 +2,7 @@
 
 Two modes share one runtime:
 
-* ``imagenet_rule`` (the seed's edge): a pretrained ImageNet classifier, not fine-tuned, at
+* ``imagenet_rule`` (the published run's edge): a pretrained ImageNet classifier, not fine-tuned, at
   ``imgsz=448``; a verdict comes from confidence rules on its 1000-class softmax.
 * ``supervised``: a two-class (good/defect) YOLO11-cls trained on the SFT train split; the
   verdict is ``p_defect >= defect_threshold``. Its default ``imgsz`` is 128: an epoch over the
@@ -119,7 +119,7 @@ def weights_identity(weights: str) -> dict[str, str | None]:
 
 
 class Thresholds(BaseModel):
-    """The seed's confidence rule: good iff smax >= smax_thr and margin >= margin_thr and entropy <= ent_thr."""
+    """The published run's confidence rule: good iff smax >= smax_thr and margin >= margin_thr and entropy <= ent_thr."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     smax_thr: float = Field(ge=0.0, le=1.0)
@@ -196,7 +196,7 @@ class EdgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: EdgeMode = "supervised"
-    weights: str = Field(default_factory=lambda: str(standin("edge")),
+    weights: str = Field(default_factory=lambda: str(standin("edge")), validate_default=True,
                          description="a .pt checkpoint, a saved model.json or a model .yaml; default: the stand-in")
     seed: int = Field(0, description="seeds the random weights of a model built from a .yaml")
     imgsz: int | None = Field(None, ge=32, le=2048, description="None: 448 (imagenet_rule) or 128 (supervised)")

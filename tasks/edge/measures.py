@@ -1,4 +1,4 @@
-"""Confidence measures of a classifier's softmax, the seed's rule, and threshold calibration.
+"""Confidence measures of a classifier's softmax, the published run's rule, and threshold calibration.
 
 All functions take whole batches (arrays of shape (N, C)) and are vectorised.
 """
@@ -54,7 +54,7 @@ def measures_from_probs(probs: np.ndarray, log_p: np.ndarray | None = None) -> M
 
 
 def rule_good(smax: np.ndarray, margin: np.ndarray, entropy: np.ndarray, t: Thresholds) -> np.ndarray:
-    """The seed's test: True where smax >= T1 and margin >= T2 and entropy <= T3."""
+    """The published run's test: True where smax >= T1 and margin >= T2 and entropy <= T3."""
     return (np.asarray(smax) >= t.smax_thr) & (np.asarray(margin) >= t.margin_thr) & (np.asarray(entropy) <= t.ent_thr)
 
 

@@ -12,12 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tqdm.auto import tqdm
 
 from saec.artifacts.store import write_table
 from saec.tasks.edge.config import EdgeConfig, Thresholds
 from saec.tasks.edge.measures import rule_verdict, softmax_measures, thresholds_from_measures
-from saec.tasks.edge.model import EdgeModel, EdgeModelError, LoadedModel, make_runner, read_onnx_meta
+from saec.tasks.edge.model import EdgeModel, EdgeModelError, LoadedModel
+from saec.tasks.edge.runtime import make_runner, read_onnx_meta
 from saec.tasks.edge.preprocess import iter_batches, to_nchw_float
 
 EDGE_COLUMNS = [
@@ -28,11 +29,8 @@ DEFECT = "defect"
 GOOD = "good"
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
-    )
+def _progress(enabled: bool, total: int, description: str) -> tqdm:
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def _empty_measures() -> pd.DataFrame:
@@ -107,8 +105,7 @@ def run_edge(
     parts: list[pd.DataFrame] = []
     infer_s = wait_s = 0.0
     t0 = tw = time.perf_counter()
-    with _progress(cfg.progress and n > cfg.batch_size) as bar:
-        task = bar.add_task(f"{description} ({runner.name}, {cfg.imgsz}px)", total=n)
+    with _progress(cfg.progress and n > cfg.batch_size, n, f"{description} ({runner.name}, {cfg.imgsz}px)") as bar:
         batches = iter_batches(paths, cfg.imgsz, cfg.batch_size, cfg.resolved_io_threads(), cfg.prefetch_batches)
         for b, (start, stop, batch) in enumerate(batches):
             x = to_nchw_float(batch)
@@ -137,7 +134,7 @@ def run_edge(
                     }
                 )
             )
-            bar.advance(task, stop - start)
+            bar.update(stop - start)
     wall = time.perf_counter() - t0
     df = pd.concat(parts, ignore_index=True) if parts else _empty_measures()
     info = {
@@ -170,7 +167,7 @@ def calibrate_thresholds(
     cache_dir: str | Path,
     weights: str | Path | None = None,
 ) -> Thresholds:
-    """The seed's default thresholds: quantiles of smax, margin, entropy over train/good images.
+    """The published run's default thresholds: quantiles of smax, margin, entropy over train/good images.
 
     `good` is a manifest (column `path`) or a list of paths of good images. Thresholds the
     config sets explicitly are kept; only the ones set to None are calibrated.
@@ -194,7 +191,7 @@ def predict_edge(
 ) -> dict[str, Any]:
     """Classify every image of `manifest` (columns image_id, path) and write `edge_predictions` Parquet.
 
-    imagenet_rule: verdict = the seed's rule with `thresholds` (or the config's, when all three
+    imagenet_rule: verdict = the published run's rule with `thresholds` (or the config's, when all three
     are set); p_defect is null. supervised: `weights` is the trained model.json (default: the
     config's weights, which must then be a good/defect model); verdict = p_defect >=
     cfg.defect_threshold. With precision=int8, `int8_calibration` are the images the
