@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from embedded_data import embedded_sft  # benchmarks/embedded_data.py
 from saec.env import configure_offline
 
 configure_offline()
@@ -32,9 +33,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from saec.artifacts.store import read_table  # noqa: E402
-from saec.config import EMBEDDED_SYNTHETIC  # noqa: E402
-from saec.datasets.mvtec import read_mvtec  # noqa: E402
-from saec.datasets.synthetic import SyntheticConfig, generate_all  # noqa: E402
 from saec.tasks.cloud.config import CloudTrainConfig, ModelLoadConfig, TinyModelConfig  # noqa: E402
 from saec.tasks.cloud.models import load_vlm  # noqa: E402
 from saec.tasks.cloud.tiny import build_tiny_qwen  # noqa: E402
@@ -42,7 +40,6 @@ from saec.tasks.cloud.augment import augment_plan  # noqa: E402
 from saec.tasks.cloud.sft_examples import answer_loss, build_examples, prepare_batch, read_sft  # noqa: E402
 from saec.tasks.cloud.train import prefetch as prefetched, train_vlm  # noqa: E402
 from saec.tasks.cloud.trainable import setup_trainable  # noqa: E402
-from saec.tasks.sft import SFTConfig, split_sft, write_jsonl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model, loadavg  # noqa: E402
@@ -95,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="saec-bench-train-"))
     try:
-        generate_all(work / "synthetic", SyntheticConfig(**EMBEDDED_SYNTHETIC), workers=args.threads)
-        train, _ = split_sft(read_mvtec(work / "synthetic" / "mvtec_ad").images, SFTConfig())
-        sft = write_jsonl(train, work / "sft_train.jsonl")
+        sft = embedded_sft(work, args.threads)
         model = build_tiny_qwen(work / "tiny", TinyModelConfig())
         # the from-scratch recipe this benchmark has always timed (112 px, output layer trained)
         cfg = CloudTrainConfig.tiny(model, progress=False, max_steps=args.steps, resize=112, train_output_layer=True)

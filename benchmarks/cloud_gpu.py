@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -44,12 +43,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # the installed package, as every other entry point uses it
-    import saec.tasks  # noqa: F401
-except ModuleNotFoundError:
-    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
-             "(where its dependencies are already there, `pip install --no-deps -e .`)")
-
 from saec.env import configure_offline  # noqa: E402
 
 configure_offline()

@@ -36,12 +36,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # the installed package, as every other entry point uses it
-    import saec.tasks  # noqa: F401
-except ModuleNotFoundError:
-    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
-             "(where its dependencies are already there, `pip install --no-deps -e .`)")
-
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The counts that --scale multiplies: per category, 80 good training images, 80 good and 40 per

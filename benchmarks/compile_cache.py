@@ -34,11 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(args) -> None:
     """One fresh process: build, compile and score; print one JSON line."""
     t0 = time.perf_counter()
-    try:  # the installed package, as every other entry point uses it
-        import saec.tasks  # noqa: F401
-    except ModuleNotFoundError:
-        sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
-                 "(where its dependencies are already there, `pip install --no-deps -e .`)")
     from saec.env import configure_offline
 
     configure_offline()

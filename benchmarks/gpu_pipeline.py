@@ -59,14 +59,6 @@ SMOKE_LLAVA = ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers
 PHASES = ("setup", "kill", "resume", "warm")
 
 
-def import_saec() -> None:
-    try:  # the installed package, as every other entry point uses it
-        import saec.tasks  # noqa: F401
-    except ModuleNotFoundError:
-        sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
-                 "(where its dependencies are already there, `pip install --no-deps -e .`)")
-
-
 # --------------------------------------------------------------------------- set-up
 
 
@@ -243,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         ap.error(f"unknown phases {unknown}; choose from {list(PHASES)}")
-    import_saec()
     from saec.env import configure_offline
 
     configure_offline()

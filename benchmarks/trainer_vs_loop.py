@@ -18,18 +18,12 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-try:  # the installed package, as every other entry point uses it
-    import saec.tasks  # noqa: F401
-except ModuleNotFoundError:
-    sys.exit("the saec package is not installed: run `pip install -e .` in the repository first "
-             "(where its dependencies are already there, `pip install --no-deps -e .`)")
-
+from embedded_data import embedded_sft  # benchmarks/embedded_data.py
 from saec.env import configure_offline  # noqa: E402
 
 configure_offline()
@@ -39,9 +33,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from saec.artifacts.store import read_table  # noqa: E402
-from saec.config import EMBEDDED_SYNTHETIC  # noqa: E402
-from saec.datasets.mvtec import read_mvtec  # noqa: E402
-from saec.datasets.synthetic import SyntheticConfig, generate_all  # noqa: E402
 from saec.standins import standin  # noqa: E402
 from saec.tasks.cloud.augment import augment_plan  # noqa: E402
 from saec.tasks.cloud.checkpoints import epoch_order, seed_all  # noqa: E402
@@ -50,7 +41,6 @@ from saec.tasks.cloud.models import load_vlm  # noqa: E402
 from saec.tasks.cloud.sft_examples import answer_loss, balance_examples, build_examples, prepare_batch, read_sft  # noqa: E402
 from saec.tasks.cloud.train import train_vlm  # noqa: E402
 from saec.tasks.cloud.trainable import setup_trainable  # noqa: E402
-from saec.tasks.sft import SFTConfig, split_sft, write_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARM_UP = 2
@@ -119,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="saec-bench-trainer-"))
     try:
-        generate_all(work / "synthetic", SyntheticConfig(**EMBEDDED_SYNTHETIC), workers=args.threads)
-        train, _ = split_sft(read_mvtec(work / "synthetic" / "mvtec_ad").images, SFTConfig())
-        sft = write_jsonl(train, work / "sft_train.jsonl")
+        sft = embedded_sft(work, args.threads)
         cfg = CloudTrainConfig.tiny(standin("qwen"), progress=False, max_steps=args.steps,
                                     checkpoint_every=args.steps)  # fmt: skip
         # the schedule of a run of exactly `steps` steps (Trainer's warm-up and decay span max_steps)

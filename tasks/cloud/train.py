@@ -8,6 +8,11 @@ in the data order and the step log. A process killed at any point resumes from t
 complete checkpoint when `train_vlm` is called again with the same work_dir; the rows of the
 step log after that checkpoint are dropped and training continues exactly where it stood.
 
+The pieces live beside it: the examples, batches and answer-only loss in `sft_examples`, the
+augmentation in `augment`, what learns in `trainable`, checkpoints and resume in `checkpoints`.
+The loop is the project's own rather than Hugging Face's Trainer; `benchmarks/trainer_vs_loop.py`
+runs both on the same model and batches and records the comparison.
+
 Run as a module for a separate process:
     python -m saec.tasks.cloud.train --config cfg.json --train sft_train.jsonl --work W --out O
 """
