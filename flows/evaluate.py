@@ -127,7 +127,7 @@ def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResu
     return res, measurement
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name="evaluate {name}", log_prints=True)
 def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResult, sft: StageResult, models: Models) -> StageResult:
     """Every configured system on one evaluation set; returns the report stage."""
     store = str(cfg.store.root)
@@ -147,7 +147,7 @@ def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResu
     report = call_stage(run, report_task, name=f"{name}/report", store=store, dataset=name, images=images,
                         outputs=outputs, measurements=measurements, cloud_thr=cfg.routing.cloud_thr, notes=notes,
                         labels=system_labels(cfg), shortfall=images.info.get("shortfall"))  # fmt: skip
-    _publish(name, report)
+    _publish(cfg, run, name, report)
     return report
 
 
@@ -169,12 +169,66 @@ def system_labels(cfg: PipelineConfig) -> dict[str, str]:
     return labels
 
 
-def _publish(name: str, report: StageResult) -> None:
-    """Keyed Prefect artifacts: the metrics table and the markdown summary of this evaluation set."""
-    key = name.replace("_", "-").lower()
-    records = [{k: v for k, v in r.items() if k in ("system", "accuracy", "balanced_accuracy", "cloud_share",
-               "wall_s", "serial_s", "energy_per_correct_mwh", "cpu_mem_added_gb", "measured")}
-               for r in report.info["systems"]]  # fmt: skip
-    create_table_artifact(key=f"{key}-metrics", table=records, description=f"SAEC metrics on {name}")
-    md = report.path("markdown").read_text() + f"\n\nFigure: `{report.path('figure')}`\n"
-    create_markdown_artifact(key=f"{key}-report", markdown=md, description=f"SAEC report on {name}")
+def artifact_tag(cfg: PipelineConfig) -> str:
+    """Eight hex digits of the store and the configuration: artifact keys carry it, so that runs on
+    another store or with another configuration do not become this one's "latest"."""
+    view = cfg.model_dump(mode="json")
+    view["store"] = {"root": str(Path(cfg.store.root).expanduser().resolve())}
+    return hash_obj(view)[:8]
+
+
+def artifact_key(cfg: PipelineConfig, name: str, kind: str) -> str:
+    """`<evaluation set>-<kind>-<tag>`, e.g. `mvtec-holdout-metrics-1a2b3c4d`."""
+    return f"{name.replace('_', '-').lower()}-{kind}-{artifact_tag(cfg)}"
+
+
+def _shown(value, digits: int = 1, scale: float = 1.0, missing: str = "n/a") -> str:
+    return missing if value is None or value != value else f"{value * scale:.{digits}f}"  # NaN != NaN
+
+
+def results_rows(report: StageResult) -> list[dict]:
+    """The systems of a report for display: percentages and seconds rounded, `n/a` with its reason."""
+    rows = []
+    for r in report.info["systems"]:
+        energy = r.get("energy_per_correct_mwh")
+        rows.append({"system": r["system"], "accuracy %": _shown(r.get("accuracy"), 1, 100),
+                     "balanced %": _shown(r.get("balanced_accuracy"), 1, 100),
+                     "cloud share %": _shown(r.get("cloud_share"), 1, 100),
+                     "wall s": _shown(r.get("wall_s"), 2), "serial s": _shown(r.get("serial_s"), 2),
+                     "energy / correct mWh": _shown(energy, 3, missing="n/a (no energy counter readable)"),
+                     "CPU mem added GB": _shown(r.get("cpu_mem_added_gb"), 3), "measured": r.get("measured") or ""})
+    return rows
+
+
+def _provenance(cfg: PipelineConfig, run: RunFolder) -> str:
+    return (f"store {Path(cfg.store.root).expanduser().resolve()}, configuration {artifact_tag(cfg)}, "
+            f"run {run.run_id}")
+
+
+def _publish(cfg: PipelineConfig, run: RunFolder, name: str, report: StageResult) -> None:
+    """Keyed Prefect artifacts of one evaluation set: its results table (rounded, one unit per column)
+    and its markdown report, each saying which store, configuration and run made it."""
+    where = _provenance(cfg, run)
+    create_table_artifact(key=artifact_key(cfg, name, "metrics"), table=results_rows(report),
+                          description=f"SAEC results on {name} ({where})")
+    md = (report.path("markdown").read_text() + f"\n\nRun folder: `{run.path}`; report folder: `{report.dir}`; "
+          f"figure: `{report.path('figure')}`\n")
+    create_markdown_artifact(key=artifact_key(cfg, name, "report"), markdown=md,
+                             description=f"SAEC report on {name} ({where})")
+
+
+def publish_summary(cfg: PipelineConfig, run: RunFolder, reports: dict[str, StageResult]) -> None:
+    """One markdown artifact on the calling flow run: every evaluation set's results, and where
+    each set's report lies."""
+    if not reports:
+        return
+    parts = [f"# SAEC results\n\n{_provenance(cfg, run)}\n"]
+    for name, report in reports.items():
+        rows = results_rows(report)
+        head = [k for k in rows[0] if k not in ("energy / correct mWh", "CPU mem added GB", "measured")]
+        table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        table += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
+        parts.append(f"## {name}\n\n" + "\n".join(table) + f"\n\nReport: `{report.path('markdown')}` "
+                     f"(artifact `{artifact_key(cfg, name, 'report')}`)\n")
+    create_markdown_artifact(key=f"summary-{artifact_tag(cfg)}", markdown="\n".join(parts),
+                             description=f"SAEC results of every evaluation set ({_provenance(cfg, run)})")

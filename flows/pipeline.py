@@ -6,7 +6,7 @@ from prefect import flow
 from saec.artifacts.store import Store
 from saec.config import PipelineConfig
 from saec.flows.common import call_stage, end_run, start_run
-from saec.flows.evaluate import Models, evaluate_flow
+from saec.flows.evaluate import Models, evaluate_flow, publish_summary
 from saec.flows.prepare import prepare_stages
 from saec.standins import standin
 from saec.tasks.cloud.task import adapter_ref, model_ref, train_cloud
@@ -53,4 +53,5 @@ def pipeline_flow(cfg: PipelineConfig) -> dict:
         end_run(run, exc)
         raise
     run.finish("completed", reports={k: v.dir for k, v in reports.items()})
+    publish_summary(cfg, run, reports)
     return {"run": run, "reports": reports, **prepared}

@@ -43,6 +43,7 @@ from saec.artifacts.store import RunFolder, StageResult  # noqa: E402
 from saec.config import PipelineConfig, load_config  # noqa: E402
 from saec.artifacts.store import write_json_atomic  # noqa: E402
 from saec.flows.common import cached_result, placed, run_here  # noqa: E402
+from saec.flows.evaluate import publish_summary  # noqa: E402
 from saec.flows.pipeline import pipeline_flow  # noqa: E402
 from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
 from saec.tasks.edge.task import predict_edge_task, train_edge_task  # noqa: E402
@@ -311,4 +312,5 @@ def saec_pipeline(
     cfg = entry_config(config, overrides)
     with stage_placement(cfg, distributed, remote) as stages:
         out = pipeline_flow(cfg)
+    publish_summary(cfg, out["run"], out["reports"])  # on this run too: the page a deployment run opens
     return run_summary(out["run"], dispatched=stages.dispatched if stages else [])

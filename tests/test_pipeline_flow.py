@@ -1,12 +1,13 @@
 """The whole pipeline under a real Prefect engine, on a small embedded default.
 
 Checks what a user relies on: every system reported with its tables and figure, Prefect
-artifacts under stable keys, a second run (through the deployed entry point) served from the
+artifacts under keys of their store and configuration, a second run (through the deployed entry point) served from the
 store with the first run's measurement, a threshold change re-running only the stages that
 depend on it, and a re-evaluation after a change to the training code.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -70,12 +71,26 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
 
     import asyncio
 
-    async def artifact_keys():
-        async with get_client() as client:
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="mvtec-holdout")))
-            return {a.key for a in arts}
+    from saec.flows.evaluate import artifact_key, artifact_tag
 
-    assert {"mvtec-holdout-metrics", "mvtec-holdout-report"} <= asyncio.run(artifact_keys())
+    async def artifacts():
+        async with get_client() as client:
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=artifact_tag(cfg))))
+            return {a.key: a for a in arts}
+
+    cfg = load_config(None, base)
+    published = asyncio.run(artifacts())
+    keys = {artifact_key(cfg, "mvtec_holdout", "metrics"), artifact_key(cfg, "mvtec_holdout", "report"),
+            f"summary-{artifact_tag(cfg)}"}
+    assert keys <= set(published)
+    # keyed by store and configuration: another store's runs are not this one's "latest"
+    assert artifact_tag(load_config(None, [*SMALL, f"store.root={tmp_path / 'other'}"])) != artifact_tag(cfg)
+    table = published[artifact_key(cfg, "mvtec_holdout", "metrics")]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows[0]["system"] == "saec" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
+    assert str(tmp_path / "store") in table.description and first["run"].run_id in table.description
+    summary = published[f"summary-{artifact_tag(cfg)}"].data
+    assert "## mvtec_holdout" in summary and str(report.path("markdown")) in summary
 
     # the deployed entry point on the same store: every stage found in the store, reported as cached,
     # and SAEC's wall time is the one the first run measured (it names that run)

@@ -319,6 +319,9 @@ def _summary(store: Path, flow_run_id) -> dict:
 
 @pytest.mark.slow
 def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack, tmp_path):
+    from saec.config import load_config
+    from saec.flows.evaluate import artifact_key, artifact_tag
+
     store = tmp_path / "store"
     base = [*SMALL, f"store.root={store}"]
     with _client(stack) as client:
@@ -338,10 +341,13 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     assert list(metrics.system) == ["saec"] and metrics.n.iloc[0] == record["stages"]["holdout"]["outputs"]["manifest"]["rows"]
     with _client(stack) as client:
         tree = {ref_id, *(r.id for r in _descendants(client, ref_id))}
-        table = _latest_artifact(client, "mvtec-holdout-metrics", tree)
-        report = _latest_artifact(client, "mvtec-holdout-report", tree)
+        cfg = load_config(None, base)
+        table = _latest_artifact(client, artifact_key(cfg, "mvtec_holdout", "metrics"), tree)
+        report = _latest_artifact(client, artifact_key(cfg, "mvtec_holdout", "report"), tree)
+        overview = _latest_artifact(client, f"summary-{artifact_tag(cfg)}", {ref_id})  # on the deployment's own run
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert rows[0]["system"] == "saec" and rows[0]["accuracy"] == pytest.approx(metrics.accuracy.iloc[0])
+    assert rows[0]["system"] == "saec" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
+    assert "## mvtec_holdout" in overview.data
     assert "saec" in report.data and str(_table_path(record, "mvtec_holdout/report:figure")) in report.data
     reference = _fingerprints(record)
     # `saec run` on the store the deployment run filled: every stage reused, and SAEC's wall time is
