@@ -113,7 +113,7 @@ def start_run(cfg, flow: str) -> RunFolder:
     this machine whose process died are marked interrupted, and build folders that dead
     processes left behind are removed.
     """
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
     from saec.artifacts.code import project_code_version
     from saec.artifacts.store import Store
@@ -126,6 +126,7 @@ def start_run(cfg, flow: str) -> RunFolder:
     run.record["fail_before"] = list(cfg.faults.fail_before)
     run.record["flow_run_id"] = flow_run.id  # the Prefect flow run, and the deployment run above it
     run.record["root_flow_run_id"] = flow_run.root_flow_run_id
+    run.record["deployment"] = deployment.name  # the deployment that started it; None from the command line
     run.record["code_version"] = project_code_version()
     run.save()
     return run

@@ -138,6 +138,11 @@ def _report_prepare(out: dict) -> None:
         console.print(f"[green]leakage check passed[/green]: {checks['leakage']['files_checked']} holdout files hashed, none in SFT train")
     states = [st["state"] for st in run.record["stages"].values()]
     console.print(f"stages: {states.count('ran')} ran, {states.count('cached')} cached; run record: {run.path / 'run.json'}")
+    from saec.inspect import flow_run_link
+
+    link = flow_run_link(run.record)
+    if link:
+        console.print(f"Prefect UI: {link}")
 
 
 @app.command()

@@ -159,6 +159,15 @@ def _num(v: Any) -> float | None:
     return None if v is None or pd.isna(v) else float(v)
 
 
+def flow_run_link(record: dict) -> str | None:
+    """The Prefect UI page of a run's flow run, where a Prefect server with a UI is configured
+    (PREFECT_API_URL or PREFECT_UI_URL); None for runs on Prefect's temporary local server."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui, flow_run = PREFECT_UI_URL.value(), record.get("flow_run_id")
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run}" if ui and flow_run else None
+
+
 def artifacts_frame(key_like: str | None = None, limit: int = 50) -> pd.DataFrame:
     """The latest version of each keyed Prefect artifact (from the server PREFECT_API_URL names)."""
     import asyncio
@@ -265,6 +274,10 @@ def show_cmd(
     rec = r.record
     console.print(f"run [bold]{r.run_id}[/bold]  flow {r.flow}  status {rec.get('status')}  started {rec.get('started')}  "
                   f"wall {rec.get('wall_s', '')} s" + (f"  models from {rec['models_from']}" if rec.get("models_from") else ""))  # fmt: skip
+    if rec.get("deployment"):
+        console.print(f"started by deployment {rec['deployment']}")
+    if flow_run_link(rec):
+        console.print(f"Prefect UI: {flow_run_link(rec)}")
     if rec.get("error"):
         console.print(f"[red]error:[/red] {rec['error']}")
     print_frame(stages_frame(r).drop(columns=["dir"]), "stages", STATE_COLOURS)

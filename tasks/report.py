@@ -21,8 +21,12 @@ SYSTEM_LABELS = {
     "llava_zeroshot": "LLaVA-1.5 zero-shot",
     "saec": "SAEC",
 }
-SHOWN = ["system", "accuracy", "balanced_accuracy", "acc_good", "acc_defect", "auroc", "cloud_share", "wall_s",
-         "serial_s", "gpu_util_avg", "gpu_power_avg_w", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb"]  # fmt: skip
+# The report's two tables (each narrow enough for a browser pane): column, heading with its unit.
+RESULTS = {"accuracy": "accuracy %", "balanced_accuracy": "balanced %", "acc_good": "good %", "acc_defect": "defect %",
+           "auroc": "AUROC", "cloud_share": "cloud share %"}
+RESOURCES = {"wall_s": "wall s", "serial_s": "serial s", "gpu_util_avg": "GPU util %", "gpu_power_avg_w": "GPU W",
+             "energy_per_correct_mwh": "energy / correct mWh", "energy_sources": "energy from",
+             "cpu_mem_added_gb": "CPU mem added GB"}
 
 
 def system_name(system: str, labels: dict[str, str] | None = None) -> str:
@@ -34,7 +38,7 @@ def _fmt(v, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, float):
-        return f"{100 * v:.2f}" if pct else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+        return f"{100 * v:.1f}" if pct else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
 
@@ -136,14 +140,17 @@ def plot_breakdown(table: pd.DataFrame, path: Path, title: str, labels: dict[str
 def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header: list[str] | None = None,
                      breakdown_table: pd.DataFrame | None = None, labels: dict[str, str] | None = None) -> str:
     labels = labels or {}
-    lines = [f"# {title}", "", *(header or []), *([""] if header else []),
-             "| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
+    lines = [f"# {title}", "", *(header or []), *([""] if header else [])]
     pct = {"accuracy", "balanced_accuracy", "acc_good", "acc_defect", "cloud_share"}
-    for row in metrics.to_dict("records"):
-        cells = [system_name(row["system"], labels) if c == "system" else _fmt(row.get(c), c in pct) for c in SHOWN]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy, shares and per-class accuracies in %. Wall time measured; serial_s is the sum of the "
-              "measured stage times of the same run.", ""]  # fmt: skip
+    for heading, columns in (("Results", RESULTS), ("Resources", RESOURCES)):
+        lines += [f"## {heading}", "", "| system | " + " | ".join(columns.values()) + " |",
+                  "|" + "---|" * (len(columns) + 1)]
+        for row in metrics.to_dict("records"):
+            cells = [system_name(row["system"], labels)] + [_fmt(row.get(c), c in pct) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Wall time measured; serial s is the sum of the measured stage times of the same run; n/a where "
+              "the machine offers no such counter.", ""]  # fmt: skip
     lines += [f"- {n}" for n in notes]
     if breakdown_table is not None and len(breakdown_table):
         lines += ["", *_breakdown_markdown(breakdown_table, list(metrics.system), labels)]

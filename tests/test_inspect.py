@@ -142,3 +142,13 @@ def test_a_broken_run_record_is_listed_as_damaged_and_hides_no_other_run(tmp_pat
     assert list(frame.loc[["a-list", "broken-json", "no-keys"], "status"]) == ["damaged"] * 3
     assert "not valid JSON" in frame.loc["broken-json", "error"] and "lacks" in frame.loc["no-keys", "error"]
     assert store.mark_interrupted() == []  # a damaged record is never rewritten
+
+
+def test_a_run_links_to_its_flow_run_page_where_a_prefect_ui_is_configured():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from saec.inspect import flow_run_link
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://10.0.0.5:4200/api"}):
+        assert flow_run_link({"flow_run_id": "0a1b"}) == "http://10.0.0.5:4200/runs/flow-run/0a1b"
+        assert flow_run_link({"flow_run_id": None}) is None  # a run recorded outside Prefect

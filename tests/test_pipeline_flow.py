@@ -64,10 +64,16 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     md = report.path("markdown").read_text()
     assert f"Evaluation set: {n} images" in md and "## Accuracy by category (%)" in md
     assert "## Accuracy by defect type (%)" in md and "embedded stand-in" in md
+    # results and resources in two tables (each fits a browser pane), one unit per column, rounded
+    results = md.split("## Results", 1)[1].split("## Resources", 1)[0]
+    assert "| system | accuracy % | balanced % |" in results and "wall s" not in results
+    assert f"| {100 * saec.accuracy:.1f} |" in results.splitlines()[4]  # the first system's row: SAEC
+    assert "| system | wall s | serial s |" in md.split("## Resources", 1)[1]
     assert Path(report.path("breakdown_figure")).stat().st_size > 10_000
     routing = first["run"].record["stages"]["mvtec_holdout/routing"]
     assert sum(routing["info"]["reasons"].values()) == n
     assert all(s == "ran" for s in _states(first).values())
+    assert first["run"].record["deployment"] is None and first["run"].record["flow_run_id"]  # started here, not by a deployment
 
     import asyncio
 

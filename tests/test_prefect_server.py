@@ -336,6 +336,7 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     assert ref.state.is_completed(), ref.state.message
     summary = _summary(store, ref_id)
     record = summary["record"]
+    assert record["deployment"] == "in-process" and record["root_flow_run_id"] == str(ref_id)
     assert record["status"] == "completed" and set(summary["stages"].values()) == {"ran"}
     metrics = pd.read_parquet(_table_path(record, "mvtec_holdout/report:metrics"))
     assert list(metrics.system) == ["saec"] and metrics.n.iloc[0] == record["stages"]["holdout"]["outputs"]["manifest"]["rows"]
