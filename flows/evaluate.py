@@ -23,6 +23,7 @@ from saec.standins import standin
 from saec.tasks.cloud.task import release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
+from saec.tasks.report import PERCENT, RESOURCES, RESULTS, display_value
 from saec.tasks.stage import ModelRef
 from saec.tasks.telemetry import Sampler, summarize
 
@@ -182,21 +183,20 @@ def artifact_key(cfg: PipelineConfig, name: str, kind: str) -> str:
     return f"{name.replace('_', '-').lower()}-{kind}-{artifact_tag(cfg)}"
 
 
-def _shown(value, digits: int = 1, scale: float = 1.0, missing: str = "n/a") -> str:
-    return missing if value is None or value != value else f"{value * scale:.{digits}f}"  # NaN != NaN
+# the columns of the metrics table artifacts, headed as in the report
+ARTIFACT_COLUMNS = ("accuracy", "balanced_accuracy", "cloud_share", "wall_s", "serial_s", "energy_per_correct_mwh",
+                    "cpu_mem_added_gb")
 
 
 def results_rows(report: StageResult) -> list[dict]:
-    """The systems of a report for display: percentages and seconds rounded, `n/a` with its reason."""
+    """The systems of a report for display: the report's headings, units and rounding, and `n/a` with its reason."""
+    heads = {**RESULTS, **RESOURCES}
     rows = []
     for r in report.info["systems"]:
-        energy = r.get("energy_per_correct_mwh")
-        rows.append({"system": r["system"], "accuracy %": _shown(r.get("accuracy"), 1, 100),
-                     "balanced %": _shown(r.get("balanced_accuracy"), 1, 100),
-                     "cloud share %": _shown(r.get("cloud_share"), 1, 100),
-                     "wall s": _shown(r.get("wall_s"), 2), "serial s": _shown(r.get("serial_s"), 2),
-                     "energy / correct mWh": _shown(energy, 3, missing="n/a (no energy counter readable)"),
-                     "CPU mem added GB": _shown(r.get("cpu_mem_added_gb"), 3), "measured": r.get("measured") or ""})
+        row = {"system": r["system"]} | {heads[c]: display_value(r.get(c), c in PERCENT) for c in ARTIFACT_COLUMNS}
+        if r.get("energy_per_correct_mwh") is None:
+            row[heads["energy_per_correct_mwh"]] = "n/a (no energy counter readable)"
+        rows.append(row | {"measured": r.get("measured") or ""})
     return rows
 
 

@@ -27,6 +27,7 @@ RESULTS = {"accuracy": "accuracy %", "balanced_accuracy": "balanced %", "acc_goo
 RESOURCES = {"wall_s": "wall s", "serial_s": "serial s", "gpu_util_avg": "GPU util %", "gpu_power_avg_w": "GPU W",
              "energy_per_correct_mwh": "energy / correct mWh", "energy_sources": "energy from",
              "cpu_mem_added_gb": "CPU mem added GB"}
+PERCENT = {"accuracy", "balanced_accuracy", "acc_good", "acc_defect", "cloud_share"}  # fractions shown in %
 
 
 def system_name(system: str, labels: dict[str, str] | None = None) -> str:
@@ -34,7 +35,8 @@ def system_name(system: str, labels: dict[str, str] | None = None) -> str:
     return (labels or {}).get(system, SYSTEM_LABELS.get(system, system))
 
 
-def _fmt(v, pct: bool = False) -> str:
+def display_value(v, pct: bool = False) -> str:
+    """A value as every report view shows it: % to one decimal, n/a where missing."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, float):
@@ -100,7 +102,7 @@ def _breakdown_markdown(table: pd.DataFrame, systems: list[str], labels: dict[st
         lines += [f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group, row in acc.iterrows():
             c = counts.loc[group]
-            cells = [str(group), f"{c.n} ({c.n_good} / {c.n_defect})"] + [_fmt(v, pct=True) for v in row]
+            cells = [str(group), f"{c.n} ({c.n_good} / {c.n_defect})"] + [display_value(v, pct=True) for v in row]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -141,12 +143,11 @@ def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header
                      breakdown_table: pd.DataFrame | None = None, labels: dict[str, str] | None = None) -> str:
     labels = labels or {}
     lines = [f"# {title}", "", *(header or []), *([""] if header else [])]
-    pct = {"accuracy", "balanced_accuracy", "acc_good", "acc_defect", "cloud_share"}
     for heading, columns in (("Results", RESULTS), ("Resources", RESOURCES)):
         lines += [f"## {heading}", "", "| system | " + " | ".join(columns.values()) + " |",
                   "|" + "---|" * (len(columns) + 1)]
         for row in metrics.to_dict("records"):
-            cells = [system_name(row["system"], labels)] + [_fmt(row.get(c), c in pct) for c in columns]
+            cells = [system_name(row["system"], labels)] + [display_value(row.get(c), c in PERCENT) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Wall time measured; serial s is the sum of the measured stage times of the same run; n/a where "

@@ -85,7 +85,10 @@ def is_model_yaml(weights: str) -> bool:
     return Path(weights).suffix.lower() in (".yaml", ".yml")
 
 
-def is_saved_model(weights: str) -> bool:
+SAVED_FORMAT = "saec-edge-classifier"  # the "format" of a model.json that SAEC's edge saving writes
+
+
+def is_saved_model(weights: str | Path) -> bool:
     """A model.json written by the project's own saving (definition + safetensors weights)."""
     return Path(weights).suffix.lower() == ".json"
 
@@ -96,14 +99,27 @@ def saved_model_problem(model_json: Path) -> str | None:
         return "does not exist"
     try:
         meta = json.loads(model_json.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         return f"cannot be read as JSON ({exc})"
-    if not isinstance(meta, dict) or meta.get("format") != "saec-edge-classifier":
+    if not isinstance(meta, dict) or meta.get("format") != SAVED_FORMAT:
         return "is not an edge model written by SAEC (a model.json beside its model.safetensors)"
-    weights = meta.get("weights")
+    missing = sorted({"weights", "weights_sha256", "yaml", "names"} - set(meta))
+    if missing:
+        return f"lacks {missing}"
+    weights = meta["weights"]
     if not isinstance(weights, str) or not (model_json.parent / weights).is_file():
         return f"names weights {weights!r} that do not exist beside it"
     return None
+
+
+def read_saved_model(model_json: str | Path) -> tuple[dict[str, Any], Path]:
+    """(metadata, weights file) of a saved model.json; ValueError naming the problem otherwise."""
+    model_json = Path(model_json)
+    problem = saved_model_problem(model_json)
+    if problem:
+        raise ValueError(f"edge model {model_json} {problem}")
+    meta = json.loads(model_json.read_text())
+    return meta, model_json.parent / meta["weights"]
 
 
 def weights_identity(weights: str) -> dict[str, str | None]:
@@ -113,8 +129,8 @@ def weights_identity(weights: str) -> dict[str, str | None]:
         found = find_model_yaml(weights)
         return {"yaml": Path(weights).name, "definition": sha256_file(found) if found else None}
     if is_saved_model(weights):
-        meta = json.loads(Path(weights).read_text())
-        return {"saved": sha256_file(weights), "weights": sha256_file(Path(weights).parent / meta["weights"])}
+        _, tensors = read_saved_model(weights)
+        return {"saved": sha256_file(weights), "weights": sha256_file(tensors)}
     return {"checkpoint": sha256_file(weights)}
 
 

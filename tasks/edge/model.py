@@ -15,12 +15,11 @@ from typing import Any
 
 from saec.artifacts.hashing import hash_obj, sha256_file
 from saec.artifacts.store import atomic_path, write_bytes_atomic
-from saec.tasks.edge.config import find_model_yaml
+from saec.tasks.edge.config import SAVED_FORMAT, find_model_yaml, is_saved_model, read_saved_model
 from saec.errors import ActionableError
 
 log = logging.getLogger(__name__)
 
-SAVED_FORMAT = "saec-edge-classifier"
 SAVED_MODEL = "model.json"
 SAVED_WEIGHTS = "model.safetensors"
 SAVE_RTOL = 1e-6  # max |logit difference| / max(1, max |logit|) between a saved model and the module it came from
@@ -69,28 +68,12 @@ class LoadedModel:
         return len(self.names)
 
 
-def _is_saved(weights: str | Path) -> bool:
-    return Path(weights).suffix.lower() == ".json"
-
-
 def _read_saved(model_json: str | Path) -> tuple[dict[str, Any], Path]:
     """The metadata of a model.json written by `save_classifier`, and the path of its weights file."""
-    model_json = Path(model_json)
-    if not model_json.is_file():
-        raise EdgeModelError(f"edge model file {model_json} does not exist")
     try:
-        meta = json.loads(model_json.read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgeModelError(f"cannot read edge model {model_json}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != SAVED_FORMAT:
-        raise EdgeModelError(f"{model_json} is not an edge model written by save_classifier (format {SAVED_FORMAT!r})")
-    missing = sorted({"weights", "weights_sha256", "yaml", "names"} - set(meta))
-    if missing:
-        raise EdgeModelError(f"edge model {model_json} lacks {missing}")
-    weights = model_json.parent / meta["weights"]
-    if not weights.is_file():
-        raise EdgeModelError(f"the weights {weights} of edge model {model_json} do not exist")
-    return meta, weights
+        return read_saved_model(model_json)
+    except ValueError as exc:
+        raise EdgeModelError(str(exc)) from None
 
 
 def model_id_of(weights: str | Path, seed: int = 0) -> str:
@@ -100,7 +83,7 @@ def model_id_of(weights: str | Path, seed: int = 0) -> str:
     model.safetensors; a .yaml: "yaml-" and the hash of (definition, seed, versions).
     """
     weights = str(weights)
-    if _is_saved(weights):
+    if is_saved_model(weights):
         _, tensors = _read_saved(weights)
         return hash_obj({"model": sha256_file(weights), "weights": sha256_file(tensors)})[:16]
     if Path(weights).suffix.lower() in (".yaml", ".yml"):
@@ -174,7 +157,7 @@ def load_classifier(weights: str | Path, seed: int = 0) -> LoadedModel:
     if Path(weights).suffix.lower() == ".safetensors":
         raise EdgeModelError(f"{weights}: load a saved edge model by its {SAVED_MODEL}")
     try:
-        if _is_saved(weights):
+        if is_saved_model(weights):
             yolo = None
             net = load_saved(weights)
         elif from_yaml:
