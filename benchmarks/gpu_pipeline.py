@@ -56,7 +56,7 @@ SMOKE_QWEN = ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers"
 SMOKE_LLAVA = ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
                 "num_key_value_heads": 4},
                {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})
-PHASES = ("setup", "kill", "resume", "warm")
+PHASES = ("setup", "kill", "resume", "prime", "warm", "split", "edge_trained")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -123,13 +123,16 @@ def saec_command() -> list[str]:
 def overrides(work: Path, args, store: Path, extra: list[str]) -> list[str]:
     sets = [
         "data.source=folders", f"data.mvtec_root={work / 'mvtec'}", f"data.ksdd2_root={work / 'ksdd2'}",
-        f"cloud.model={work / 'Qwen2.5-VL-7B-Instruct'}", f"cloud.llava_model={work / 'llava-1.5-7b-hf'}",
-        f"edge.weights={work / 'yolo11s-cls.pt'}", "edge.mode=imagenet_rule",
+        f"cloud.model={work / 'Qwen2.5-VL-7B-Instruct'}",
+        f"edge.weights={work / 'yolo11s-cls.pt'}",
+        "edge.mode=" + ("supervised" if "edge.mode=supervised" in extra else "imagenet_rule"),
         f"store.root={store}",
         # the published run's recipe, cut to a number of optimizer steps; a checkpoint every few
         "cloud.train.epochs=1", f"cloud.train.max_steps={args.train_steps}",
         f"cloud.train.checkpoint_every={args.checkpoint_every}",
     ]
+    if (work / "llava-1.5-7b-hf").is_dir():
+        sets.append(f"cloud.llava_model={work / 'llava-1.5-7b-hf'}")
     if args.smoke:
         sets += ["holdout.n_good=16", "holdout.n_defect=16", "cloud.train.resize=112", "cloud.score.resize=112",
                  "cloud.baseline_score.resize=112", "cloud.train.batch_size=2", "cloud.train.grad_accum=2"]
@@ -177,8 +180,14 @@ def summarize_run(record: dict | None, out: Path, tag: str) -> dict:
     reports' markdown and figures into `out`."""
     if record is None:
         return {"run": None}
-    stages = {name: {"state": st["state"], "seconds": st.get("seconds"), "build_s": st.get("build_s")}
-              for name, st in record["stages"].items()}  # fmt: skip
+    stages = {}
+    for name, st in record["stages"].items():
+        row = {"state": st["state"], "seconds": st.get("seconds"), "build_s": st.get("build_s")}
+        ran = (st.get("info") or {}).get("run") or {}
+        if isinstance(ran, dict) and ran.get("seconds") is not None:  # the model's own work, loading excluded
+            row["work_s"] = round(float(ran["seconds"]), 3)
+            row["images_per_s"] = ran.get("images_per_s")
+        stages[name] = row
     result = {"run_id": record["run_id"], "status": record.get("status"), "wall_s": record.get("wall_s"),
               "error": record.get("error"), "stages": stages, "reports": {}}
     for name, st in record["stages"].items():
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint-every", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a phase's `saec run` may take")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT or benchmarks/results)")
+    ap.add_argument("--no-llava", action="store_true", help="set-up writes no LLaVA folder (runs then score no LLaVA)")
     ap.add_argument("--smoke", action="store_true", help="tiny layers, small images, on the CPU (a code check)")
     args = ap.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
@@ -276,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
             dev = "cuda" if cuda else "cpu"
             setup["qwen"] = write_vlm(args.models / "Qwen2.5-VL-7B-Instruct", work / "Qwen2.5-VL-7B-Instruct", dev,
                                       dtype, SMOKE_QWEN if args.smoke else None)
-            setup["llava"] = write_vlm(args.models / "llava-1.5-7b-hf", work / "llava-1.5-7b-hf", dev, dtype,
-                                       SMOKE_LLAVA if args.smoke else None)
+            if not args.no_llava:
+                setup["llava"] = write_vlm(args.models / "llava-1.5-7b-hf", work / "llava-1.5-7b-hf", dev, dtype,
+                                           SMOKE_LLAVA if args.smoke else None)
             setup["edge"] = write_edge(work / "yolo11s-cls.pt")
             setup["data"] = write_data(work, args.smoke, workers=os.cpu_count() or 2)
             results["phases"]["setup"] = setup
@@ -291,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
             ran = run_saec(overrides(work, args, store, []), env, log, timeout=args.timeout)
             ran["run"] = summarize_run(latest_run(store), out, "resume")
             results["phases"]["resume"] = ran
+        elif phase == "prime":  # instead of kill + resume: train, then SAEC on MVTec (fills the compile cache)
+            shutil.rmtree(store, ignore_errors=True)
+            extra = ["evaluate.datasets=[mvtec_holdout]", "evaluate.systems=[saec]"]
+            ran = run_saec(overrides(work, args, store, extra), env, log, timeout=args.timeout)
+            ran["run"] = summarize_run(latest_run(store), out, "prime")
+            results["phases"]["prime"] = ran
         elif phase == "warm":
             adapters = sorted(store.glob("stages/train_cloud/*/adapter"))
             if not adapters:
@@ -299,10 +316,28 @@ def main(argv: list[str] | None = None) -> None:
             warm_store = work / "store-warm"
             shutil.rmtree(warm_store, ignore_errors=True)
             extra = [f"cloud.adapter={adapters[-1]}", "evaluate.datasets=[mvtec_holdout]",
-                     "evaluate.systems=[saec,cloud_only,qwen_zeroshot]"]
+                     "evaluate.systems=[saec,cloud_only]"]
             ran = run_saec(overrides(work, args, warm_store, extra), env, log, timeout=args.timeout)
             ran["run"] = summarize_run(latest_run(warm_store), out, "warm")
             results["phases"]["warm"] = ran
+        elif phase in ("split", "edge_trained"):
+            adapters = sorted(store.glob("stages/train_cloud/*/adapter"))
+            if not adapters:
+                results["phases"][phase] = {"skipped": "no trained adapter in the store (run the resume phase)"}
+                continue
+            phase_store = work / f"store-{phase}"
+            shutil.rmtree(phase_store, ignore_errors=True)
+            extra = [f"cloud.adapter={adapters[-1]}", "evaluate.datasets=[mvtec_holdout]"]
+            if phase == "split":  # SAEC alone, the edge given part of the cores while the cloud decodes
+                cores = os.cpu_count() or 2
+                extra += ["evaluate.systems=[saec]", f"edge.threads={max(1, cores // 2)}",
+                          f"edge.io_threads={max(1, cores // 4)}"]
+            else:  # the edge fine-tuned in the flow from the same checkpoint: a trained edge's routing share
+                extra += ["evaluate.systems=[saec,edge_only]", "edge.mode=supervised",
+                          "edge.train.cache=ram"] + (["edge.train.epochs=1"] if args.smoke else [])
+            ran = run_saec(overrides(work, args, phase_store, extra), env, log, timeout=args.timeout)
+            ran["run"] = summarize_run(latest_run(phase_store), out, phase)
+            results["phases"][phase] = ran
         results["phases"].setdefault(phase, {})["phase_seconds"] = round(time.perf_counter() - t, 1)
         save()
         print(json.dumps({phase: {k: v for k, v in results["phases"][phase].items() if k != "run"}}, default=str),

@@ -77,6 +77,11 @@ def _placement_of(task: Task) -> StagePlacement | None:
     return next((p for p in _PLACEMENTS.get() if p.owns(task)), None)
 
 
+def runs_here(task: Task) -> bool:
+    """Whether stage `task` executes in this process (no placement sends it elsewhere)."""
+    return _placement_of(task) is None
+
+
 def cached_result(task: Task, params: dict[str, Any]) -> StageResult | None:
     """The verified stored output of stage `task` for `params`, or None; computes nothing."""
     return stage_of(task).lookup(params["store"], params)

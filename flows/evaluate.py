@@ -18,9 +18,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import RunFolder, StageResult, Store, write_json_atomic, write_table
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, collect, submit_stage
+from saec.flows.common import cached_result, call_stage, collect, runs_here, submit_stage
 from saec.standins import standin
-from saec.tasks.cloud.task import release_models, score_cloud
+from saec.tasks.cloud.task import preload_scorer, release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
 from saec.tasks.report import PERCENT, RESOURCES, RESULTS, display_value
@@ -42,15 +42,23 @@ def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, s
     store, tel = str(cfg.store.root), cfg.telemetry
     score_cfg = cfg.score_config(m.vlm.path)
     rule = cfg.routing.model_dump(include=RULE_FIELDS)
+    p_cpx = dict(store=store, images=images, table="manifest", cfg=cfg.complexity, telemetry=tel)
+
+    def p_quota(cpx: StageResult) -> dict:
+        return dict(store=store, images=images, table="manifest", complexity=cpx, ratio=cfg.routing.init_q_ratio)
+
+    def p_first(quota: StageResult) -> dict:
+        return dict(store=store, images=quota, table="cloud_manifest", model=m.vlm, adapter=m.adapter, cfg=score_cfg,
+                    telemetry=tel, label="saec: complexity quota")  # fmt: skip
+
     sampler = Sampler(tel).start()
     t0 = time.perf_counter()
-    p_cpx = dict(store=store, images=images, table="manifest", cfg=cfg.complexity, telemetry=tel)
+    # the cloud model loads while the complexity scores are computed, where the cloud will run here
+    preload = _preload_cloud(p_cpx, p_quota, p_first, score_cfg, m)
     cpx = collect(run, complexity_task.submit(**p_cpx), f"{name}/complexity", complexity_task, **p_cpx)
-    p_quota = dict(store=store, images=images, table="manifest", complexity=cpx, ratio=cfg.routing.init_q_ratio)
-    quota = collect(run, quota_task.submit(**p_quota), f"{name}/quota", quota_task, **p_quota)
+    quota = collect(run, quota_task.submit(**p_quota(cpx)), f"{name}/quota", quota_task, **p_quota(cpx))
     # the cloud starts on the quota images at once; the edge classifies the rest meanwhile
-    p_first = dict(store=store, images=quota, table="cloud_manifest", model=m.vlm, adapter=m.adapter, cfg=score_cfg,
-                   telemetry=tel, label="saec: complexity quota")  # fmt: skip
+    p_first = p_first(quota)
     f_first = submit_stage(score_cloud, **p_first)
     p_edge = dict(store=store, images=quota, table="edge_manifest", trained=m.edge, sft=sft, cfg=cfg.edge,
                   telemetry=tel, label="saec: edge branch")  # fmt: skip
@@ -75,8 +83,21 @@ def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, s
         "stage_seconds": {k: p.info.get("seconds", 0.0) for k, p in parts.items()},
         "telemetry": summarize(samples, sampler.sources),
         "run_id": run.run_id,
+        "cloud_preloaded": preload is not None,
     }
     return {"merged": merged, "measurement": _measurement_record(store, parts, ran, measurement, samples)}
+
+
+def _preload_cloud(p_cpx: dict, p_quota, p_first, score_cfg, m: Models):
+    """Start loading SAEC's cloud model in the background, unless its first cloud stage runs
+    elsewhere (a work pool) or is stored already (so a cached re-run loads nothing)."""
+    if not runs_here(score_cloud):
+        return None
+    cpx = cached_result(complexity_task, p_cpx)
+    quota = cached_result(quota_task, p_quota(cpx)) if cpx is not None else None
+    if quota is not None and cached_result(score_cloud, p_first(quota)) is not None:
+        return None
+    return preload_scorer(score_cfg, m.vlm, m.adapter)
 
 
 def _stage_name(part: str) -> str:

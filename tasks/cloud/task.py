@@ -5,7 +5,9 @@ GPU machines without them); only this module binds them to the flow.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from saec.artifacts.hashing import hash_followed_tree
@@ -75,17 +77,38 @@ def adapter_ref(trained: StageResult | None = None, path: str | None = None) -> 
     return ModelRef(kind="adapter", path=str(adapter), sha256=trained.digest())
 
 
-@lru_cache(maxsize=2)
+# Loaded scorers are kept between tasks of one process: SAEC's two cloud stages load the model
+# once. One lock serialises loading, so a stage that asks for a scorer being preloaded waits for
+# that load instead of starting a second one.
+_SCORERS: OrderedDict[str, object] = OrderedDict()
+_SCORERS_LOCK = threading.Lock()
+_KEEP_SCORERS = 2
+
+
 def _scorer(cfg_json: str):
-    """Loaded scorers are kept between tasks of one process: SAEC's two cloud calls load the model once."""
     from saec.tasks.cloud.engine import VLMScorer
 
-    return VLMScorer(CloudScoreConfig.model_validate_json(cfg_json))
+    with _SCORERS_LOCK:
+        if cfg_json in _SCORERS:
+            _SCORERS.move_to_end(cfg_json)
+            return _SCORERS[cfg_json]
+        scorer = VLMScorer(CloudScoreConfig.model_validate_json(cfg_json))
+        _SCORERS[cfg_json] = scorer
+        while len(_SCORERS) > _KEEP_SCORERS:
+            _SCORERS.popitem(last=False)
+        return scorer
+
+
+def loaded_scorers() -> int:
+    """How many scorers this process holds loaded."""
+    with _SCORERS_LOCK:
+        return len(_SCORERS)
 
 
 def release_models() -> None:
     """Drop loaded scorers, so that the next system measured pays for loading its own model."""
-    _scorer.cache_clear()
+    with _SCORERS_LOCK:  # waits for a load in progress
+        _SCORERS.clear()
     import gc
 
     gc.collect()
@@ -96,6 +119,41 @@ def release_models() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def local_scorer_key(cfg: CloudScoreConfig, model: ModelRef, adapter: ModelRef | None) -> str | None:
+    """The scorer `score_cloud` loads in this process for these arguments (its cache key), or None
+    when it scores on several devices, each in a process of its own."""
+    from saec.tasks.cloud.parallel import resolve_devices
+
+    run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
+    devices = resolve_devices(run_cfg)
+    if len(devices) > 1:
+        return None
+    return run_cfg.model_copy(update={"device": devices[0], "devices": None}).model_dump_json()
+
+
+def preload_scorer(cfg: CloudScoreConfig, model: ModelRef, adapter: ModelRef | None) -> threading.Thread | None:
+    """Start loading the scorer that `score_cloud` will ask for, on a background thread.
+
+    The stage then finds it loaded (or waits for the load to finish). A failed preload is only
+    logged: the stage loads again and raises the error itself. None when the stage would score on
+    several devices (each process loads its own copy)."""
+    key = local_scorer_key(cfg, model, adapter)
+    if key is None:
+        return None
+
+    def load() -> None:
+        try:
+            pin_torch_threads()
+            _scorer(key)
+        except Exception as exc:  # the stage meets the same error and reports it
+            logging.getLogger(__name__).warning("preloading the cloud model failed (%s: %s); the stage loads it "
+                                                "again", type(exc).__name__, exc)  # fmt: skip
+
+    thread = threading.Thread(target=load, name="saec-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 @stage("score_cloud", task="score-cloud", observe=("telemetry", "label"))
@@ -114,13 +172,12 @@ def score_cloud(
     run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
 
     def compute():  # no model is loaded when nothing was routed here
-        from saec.tasks.cloud.parallel import resolve_devices, score_manifest_sharded
+        from saec.tasks.cloud.parallel import score_manifest_sharded
 
         pin_torch_threads()
-        devices = resolve_devices(run_cfg)
-        if len(devices) > 1:  # one process per device, each loading its own copy
+        key = local_scorer_key(cfg, model, adapter)
+        if key is None:  # one process per device, each loading its own copy
             return score_manifest_sharded(run_cfg, manifest, out / "scores.parquet")
-        here = run_cfg.model_copy(update={"device": devices[0], "devices": None})
-        return _scorer(here.model_dump_json()).score_manifest(manifest, out / "scores.parquet")
+        return _scorer(key).score_manifest(manifest, out / "scores.parquet")
 
     return measured_stage(out, "scores", "cloud_scores", len(manifest), compute, telemetry, label)
