@@ -127,7 +127,7 @@ def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.D
                                     ("breakdown_figure", "breakdown.png"), ("markdown", "report.md"),
                                     ("json", "metrics.json"))}  # fmt: skip
     return files, {"dataset": dataset, "systems": metrics.replace({np.nan: None}).to_dict("records"), "notes": notes,
-                   "header": header or []}
+                   "header": header or [], "labels": labels or {}}
 
 
 @stage("report", task="report")
