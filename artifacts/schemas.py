@@ -6,6 +6,7 @@ DataFrame against its schema before anything is written.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -102,7 +103,8 @@ DECISIONS = pa.schema(
 CLOUD_SCORES = pa.schema(
     [
         ("image_id", _str),
-        ("path", _str),
+        ("path", _str),  # the file scored (the evaluation set's)
+        ("source_path", _str),  # the file it was taken from, as the manifest names it; null where it names none
         # softmax over the two label logits (or over mean answer log-probs with TTA). No verdict is kept
         # here: a verdict is p_defect >= routing.cloud_thr, taken where the decisions are made
         ("p_defect", _f64),
@@ -153,7 +155,8 @@ CLOUD_TRAIN_LOG = pa.schema(
 EDGE_PREDICTIONS = pa.schema(
     [
         ("image_id", _str),
-        ("path", _str),
+        ("path", _str),  # the file classified (the evaluation set's)
+        ("source_path", _str),  # the file it was taken from, as the manifest names it; null where it names none
         ("p_defect", _f64),  # probability of class "defect" (supervised); null for imagenet_rule
         ("smax", _f64),  # top-1 softmax probability
         ("margin", _f64),  # top-1 minus top-2 probability
@@ -174,7 +177,8 @@ EDGE_PREDICTIONS = pa.schema(
 COMPLEXITY = pa.schema(
     [
         ("image_id", _str),
-        ("path", _str),
+        ("path", _str),  # the file scored (the evaluation set's)
+        ("source_path", _str),  # the file it was taken from, as the manifest names it; null where it names none
         ("complexity", _f64),  # 0.30 H + 0.25 E + 0.20 log1p(L)/8 + 0.15 G/16 + 0.10 R/255
         ("H", _f64),  # grey-histogram entropy / ln 256
         ("E", _f64),  # mean of the Canny(64, 128) edge map, values 0/255 (so E lies in [0, 255])
@@ -249,6 +253,15 @@ def register(name: str, schema: pa.Schema) -> pa.Schema:
         raise SchemaError(f"table schema {name!r} is declared twice with different columns")
     SCHEMAS[name] = schema
     return schema
+
+
+def source_paths(manifest: pd.DataFrame) -> np.ndarray:
+    """The `source_path` of every row of a manifest, for the per-image tables that carry it beside
+    `image_id`: strings, None where the manifest names no source (or has no such column)."""
+    if "source_path" not in manifest.columns:
+        return np.full(len(manifest), None, dtype=object)
+    values = manifest["source_path"]
+    return values.astype(object).where(values.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
 
 
 def empty_table(name: str) -> pd.DataFrame:

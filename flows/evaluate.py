@@ -23,7 +23,7 @@ from saec.standins import standin
 from saec.tasks.cloud.task import preload_scorer, release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
-from saec.tasks.report import PERCENT, RESOURCES, RESULTS, display_value
+from saec.tasks.report import RESOURCES, display_rows
 from saec.tasks.stage import ModelRef
 from saec.tasks.telemetry import Sampler, summarize
 
@@ -204,20 +204,24 @@ def artifact_key(cfg: PipelineConfig, name: str, kind: str) -> str:
     return f"{name.replace('_', '-').lower()}-{kind}-{artifact_tag(cfg)}"
 
 
-# the columns of the metrics table artifacts, headed as in the report
-ARTIFACT_COLUMNS = ("accuracy", "balanced_accuracy", "cloud_share", "wall_s", "serial_s", "energy_per_correct_mwh",
-                    "cpu_mem_added_gb")
+# the columns of the metrics table artifacts and of `saec run`'s results tables, headed as in the report
+ARTIFACT_COLUMNS = ("n_good", "n_defect", "accuracy", "balanced_accuracy", "cloud_share", "wall_s", "serial_s",
+                    "energy_per_correct_mwh", "cpu_mem_added_gb")
 
 
-def results_rows(report: StageResult) -> list[dict]:
-    """The systems of a report for display: the report's headings, units and rounding, and `n/a` with its reason."""
-    heads = {**RESULTS, **RESOURCES}
-    rows = []
-    for r in report.info["systems"]:
-        row = {"system": r["system"]} | {heads[c]: display_value(r.get(c), c in PERCENT) for c in ARTIFACT_COLUMNS}
-        if r.get("energy_per_correct_mwh") is None:
-            row[heads["energy_per_correct_mwh"]] = "n/a (no energy counter readable)"
-        rows.append(row | {"measured": r.get("measured") or ""})
+def results_rows(report: StageResult, explain: bool = True) -> list[dict]:
+    """The systems of a report for display: the report's system names, headings, units and rounding.
+
+    `explain` adds why energy is `n/a` and how each system was measured (the artifacts carry
+    them; the command line prints the report's notes instead)."""
+    info = report.info
+    rows = display_rows(info["systems"], ARTIFACT_COLUMNS, info.get("labels"))
+    if explain:
+        energy = RESOURCES["energy_per_correct_mwh"]
+        for row, r in zip(rows, info["systems"]):
+            if r.get("energy_per_correct_mwh") is None:
+                row[energy] = "n/a (no energy counter readable)"
+            row["measured"] = r.get("measured") or ""
     return rows
 
 
@@ -246,7 +250,7 @@ def publish_summary(cfg: PipelineConfig, run: RunFolder, reports: dict[str, Stag
     parts = [f"# SAEC results\n\n{_provenance(cfg, run)}\n"]
     for name, report in reports.items():
         rows = results_rows(report)
-        head = [k for k in rows[0] if k not in ("energy / correct mWh", "CPU mem added GB", "measured")]
+        head = [k for k in rows[0] if k not in (RESOURCES["energy_per_correct_mwh"], RESOURCES["cpu_mem_added_gb"], "measured")]
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         table += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
         parts.append(f"## {name}\n\n" + "\n".join(table) + f"\n\nReport: `{report.path('markdown')}` "

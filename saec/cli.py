@@ -180,22 +180,22 @@ def pretrain(
                   f"(provenance.json); done in {time.perf_counter() - t0:.1f} s")
 
 
-def _results_table(name: str, systems: list[dict]) -> Table:
+def _results_table(name: str, report) -> Table:
+    """A report's systems as its results table shows them: the same names, headings and rounding."""
+    from saec.flows.evaluate import results_rows
+
+    systems = report.info["systems"]
     first = systems[0] if systems else {}
     counts = f" ({first.get('n_good')} good, {first.get('n_defect')} defect)" if "n_good" in first else ""
     table = Table(title=f"results: {name}{counts}")
-    cols = [("system", None), ("accuracy %", "accuracy"), ("balanced %", "balanced_accuracy"),
-            ("cloud share %", "cloud_share"), ("wall s", "wall_s"), ("serial s", "serial_s"),
-            ("energy/correct mWh", "energy_per_correct_mwh"), ("CPU mem added GB", "cpu_mem_added_gb")]  # fmt: skip
-    for title, _ in cols:
-        table.add_column(title, justify="right" if _ else "left")
-    pct = {"accuracy", "balanced_accuracy", "cloud_share"}
-    for row in systems:
-        cells = [row["system"]]
-        for _, key in cols[1:]:
-            v = row.get(key)
-            cells.append("n/a" if v is None else f"{100 * v:.1f}" if key in pct else f"{v:.3g}")
-        table.add_row(*cells)
+    rows = results_rows(report, explain=False)
+    for col in rows[0] if rows else ["system"]:
+        if col == "system":
+            table.add_column(col, justify="left")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row.values())
     return table
 
 
@@ -225,7 +225,7 @@ def run(
     out = pipeline_flow(cfg)
     _report_prepare(out)
     for name, report in out["reports"].items():
-        console.print(_results_table(name, report.info["systems"]))
+        console.print(_results_table(name, report))
         for note in report.info["notes"]:
             console.print(f"  - {note}")
         console.print(f"  report: {report.path('markdown')}  figure: {report.path('figure')}")

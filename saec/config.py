@@ -56,9 +56,11 @@ class DataConfig(BaseModel):
     source: Literal["synthetic", "folders"] = "synthetic"
     mvtec_root: Path | None = Field(None, description="MVTec AD folder (source=folders)")
     ksdd2_root: Path | None = Field(None, description="KolektorSDD2 raw folder (source=folders)")
-    # The embedded default is drawn for models trained from scratch in CPU minutes: images at
-    # 128 px (the edge's input size; the tiny cloud model sees 112), defects six times as large
-    # and strong as the generator's neutral look, and 40 training examples per defect type.
+    # The embedded default is drawn for small pretrained stand-ins that are fine-tuned in CPU
+    # minutes: images at 128 px (the edge's input size; the tuned cloud stand-in sees them at
+    # 140 px, CloudTrainConfig.tiny's size, and the zero-shot stand-ins at 112, the size they were
+    # pretrained at), defects six times as large and strong as the generator's neutral look, and
+    # 40 training examples per defect type.
     synthetic: SyntheticConfig = Field(default_factory=lambda: SyntheticConfig(**EMBEDDED_SYNTHETIC))
 
     @model_validator(mode="after")

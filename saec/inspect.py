@@ -94,14 +94,30 @@ def stages_frame(run: RunFolder) -> pd.DataFrame:
 
 
 def metrics_frame(run: RunFolder) -> pd.DataFrame:
-    """Every system's metrics on every evaluation set of the run (from its report stages)."""
+    """Every system's metrics on every evaluation set of the run (from its report stages), as numbers."""
     rows = []
     for name, st in run.record["stages"].items():
         if name.endswith("/report"):
             for r in st["info"].get("systems", []):
                 rows.append({"dataset": name.split("/")[0], "system": r["system"], "n": r.get("n"),
-                             **{m: r.get(m) for m in METRICS}, "measured": r.get("measured")})  # fmt: skip
-    return pd.DataFrame(rows, columns=["dataset", "system", "n", *METRICS, "measured"])
+                             **{c: r.get(c) for c in ("n_good", "n_defect", *METRICS)}, "measured": r.get("measured")})  # fmt: skip
+    return pd.DataFrame(rows, columns=["dataset", "system", "n", "n_good", "n_defect", *METRICS, "measured"])
+
+
+def metrics_display(run: RunFolder) -> pd.DataFrame:
+    """The run's metrics as its reports show them: the reports' system names, headings, units and
+    rounding, with the image count of each class. A report recorded without its names keeps the ids."""
+    from saec.tasks.report import display_rows
+
+    frames = []
+    for name, st in run.record["stages"].items():
+        if name.endswith("/report"):
+            systems = st["info"].get("systems", [])
+            labels = st["info"].get("labels", {r["system"]: r["system"] for r in systems})
+            rows = display_rows(systems, ("n_good", "n_defect", *METRICS), labels)
+            frames.append(pd.DataFrame([{"dataset": name.split("/")[0], **row, "measured": r.get("measured")}
+                                        for row, r in zip(rows, systems)]))  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def tables_frame(run: RunFolder) -> pd.DataFrame:
@@ -221,10 +237,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_frame(df: pd.DataFrame, title: str, colours: dict[str, dict[str, str]] | None = None) -> None:
+def print_frame(df: pd.DataFrame, title: str, colours: dict[str, dict[str, str]] | None = None,
+                right: set[str] | None = None) -> None:
+    """`df` as a table; numeric columns, and those named in `right`, aligned right."""
     table = Table(title=title)
     for col in df.columns:
-        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(df[col]) else "left")
+        numeric = pd.api.types.is_numeric_dtype(df[col]) or col in (right or set())
+        table.add_column(str(col), justify="right" if numeric else "left")
     for row in df.itertuples(index=False):
         cells = []
         for col, v in zip(df.columns, row):
@@ -281,9 +300,9 @@ def show_cmd(
     if rec.get("error"):
         console.print(f"[red]error:[/red] {rec['error']}")
     print_frame(stages_frame(r).drop(columns=["dir"]), "stages", STATE_COLOURS)
-    metrics = metrics_frame(r)
+    metrics = metrics_display(r)
     if len(metrics):
-        print_frame(metrics, "metrics")
+        print_frame(metrics, "metrics", right=set(metrics.columns) - {"dataset", "system", "measured"})
     for ds, d in (rec.get("drift") or {}).items():
         console.print(f"drift on {ds} vs {d['previous_run'] or 'no earlier run'}: " + ("; ".join(d["findings"]) or "none"))
     print_frame(tables_frame(r).drop(columns=["path"]), "tables (show one with --table)")

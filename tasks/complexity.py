@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from saec.artifacts.hashing import sha256_file
+from saec.artifacts.schemas import source_paths
 from saec.artifacts.store import FileRef, write_table
 from saec.tasks.edge.config import available_cores
 from saec.tasks.edge.preprocess import decode_bgr
@@ -39,7 +40,7 @@ from saec.tasks.edge.preprocess import decode_bgr
 W_H, W_E, W_L, W_G, W_R = 0.30, 0.25, 0.20, 0.15, 0.10
 L_SCALE, G_SCALE, R_SCALE = 8.0, 16.0, 255.0
 COMPONENTS = ("H", "E", "L", "G", "R")
-COLUMNS = ["image_id", "path", "complexity", *COMPONENTS, "cpx_size"]
+COLUMNS = ["image_id", "path", "source_path", "complexity", *COMPONENTS, "cpx_size"]
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
@@ -102,19 +103,20 @@ def _as_manifest(images: pd.DataFrame | Sequence[str | Path]) -> pd.DataFrame:
         if "path" not in images.columns:
             raise ValueError("the complexity stage needs a manifest with a `path` column")
         df = images[["image_id", "path"]] if "image_id" in images.columns else images[["path"]]
-        df = df.reset_index(drop=True).astype({"path": str})
+        df = df.reset_index(drop=True).astype({"path": str}).assign(source_path=source_paths(images))
     else:
-        df = pd.DataFrame({"path": [str(p) for p in images]})
+        df = pd.DataFrame({"path": [str(p) for p in images], "source_path": None})
     if "image_id" not in df.columns:  # ids are the sha256 of the bytes, as everywhere else
         df.insert(0, "image_id", [sha256_file(p) if Path(p).is_file() else None for p in df.path])
     return df
 
 
 def complexity_scores(images: pd.DataFrame | Sequence[str | Path], cfg: ComplexityConfig | None = None) -> pd.DataFrame:
-    """One row per image, in input order: image_id, path, complexity, H, E, L, G, R, cpx_size.
+    """One row per image, in input order: image_id, path, source_path, complexity, H, E, L, G, R, cpx_size.
 
-    `images` is a manifest (columns path and, normally, image_id) or a list of paths. An
-    unreadable image raises `BadImage` naming the file; nothing is ever scored 0 silently.
+    `images` is a manifest (columns path and, normally, image_id and source_path, which is null
+    where it lacks one) or a list of paths (no source_path). An unreadable image raises `BadImage`
+    naming the file; nothing is ever scored 0 silently.
     """
     cfg = cfg or ComplexityConfig()
     df = _as_manifest(images)
@@ -128,7 +130,7 @@ def complexity_scores(images: pd.DataFrame | Sequence[str | Path], cfg: Complexi
             rows.append(row)
             progress.update(1)
     scores = pd.DataFrame(rows, columns=["complexity", *COMPONENTS], dtype=np.float64)
-    out = pd.concat([df[["image_id", "path"]], scores], axis=1)
+    out = pd.concat([df[["image_id", "path", "source_path"]], scores], axis=1)
     out["cpx_size"] = np.int32(cfg.cpx_size)
     return out[COLUMNS]
 

@@ -96,8 +96,9 @@ def system_row(system: str, decisions: pd.DataFrame, measurement: dict) -> dict:
     tel = measurement.get("telemetry", {})
     row = {"system": system, **m, "wall_s": measurement.get("wall_s"), "serial_s": measurement.get("serial_s"),
            "measured": measurement.get("measured", "executed")}  # fmt: skip
-    for k in ("gpu_util_avg", "gpu_power_avg_w", "cpu_mem_added_gb", "cpu_mem_avg_gb", "cpu_percent_avg", "energy_wh",
-              "energy_sources"):
+    # memory: what the system added at its peak; the process's own size (the same whatever runs in it)
+    # compares nothing between systems, so the per-system metrics leave it out (the stage telemetry keeps it)
+    for k in ("gpu_util_avg", "gpu_power_avg_w", "cpu_mem_added_gb", "cpu_percent_avg", "energy_wh", "energy_sources"):
         row[k] = tel.get(k)
     row["energy_per_correct_mwh"] = energy_per_correct_mwh(tel.get("energy_wh"), m["correct"])
     return row
@@ -105,8 +106,7 @@ def system_row(system: str, decisions: pd.DataFrame, measurement: dict) -> dict:
 
 METRIC_COLS = ["dataset", "system", "n", "n_good", "n_defect", "correct", "accuracy", "balanced_accuracy", "acc_good",
                "acc_defect", "auroc", "cloud_share", "tn", "fp", "fn", "tp", "wall_s", "serial_s", "measured", "gpu_util_avg", "gpu_power_avg_w",
-               "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb", "cpu_mem_avg_gb",
-               "cpu_percent_avg"]  # fmt: skip
+               "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb", "cpu_percent_avg"]  # fmt: skip
 
 
 def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.DataFrame], notes: list[str],
@@ -127,7 +127,7 @@ def write_report(out: Path, dataset: str, rows: list[dict], decisions: list[pd.D
                                     ("breakdown_figure", "breakdown.png"), ("markdown", "report.md"),
                                     ("json", "metrics.json"))}  # fmt: skip
     return files, {"dataset": dataset, "systems": metrics.replace({np.nan: None}).to_dict("records"), "notes": notes,
-                   "header": header or []}
+                   "header": header or [], "labels": labels or {}}
 
 
 @stage("report", task="report")

@@ -22,8 +22,9 @@ SYSTEM_LABELS = {
     "saec": "SAEC",
 }
 # The report's two tables (each narrow enough for a browser pane): column, heading with its unit.
-RESULTS = {"accuracy": "accuracy %", "balanced_accuracy": "balanced %", "acc_good": "good %", "acc_defect": "defect %",
-           "auroc": "AUROC", "cloud_share": "cloud share %"}
+# Results start with the images of each class every system was measured on.
+RESULTS = {"n_good": "good n", "n_defect": "defect n", "accuracy": "accuracy %", "balanced_accuracy": "balanced %",
+           "acc_good": "good %", "acc_defect": "defect %", "auroc": "AUROC", "cloud_share": "cloud share %"}
 RESOURCES = {"wall_s": "wall s", "serial_s": "serial s", "gpu_util_avg": "GPU util %", "gpu_power_avg_w": "GPU W",
              "energy_per_correct_mwh": "energy / correct mWh", "energy_sources": "energy from",
              "cpu_mem_added_gb": "CPU mem added GB"}
@@ -42,6 +43,14 @@ def display_value(v, pct: bool = False) -> str:
     if isinstance(v, float):
         return f"{100 * v:.1f}" if pct else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+def display_rows(systems: list[dict], columns, labels: dict[str, str] | None = None) -> list[dict]:
+    """Systems' metrics (rows of a report's metrics table) as every view shows them: the report's
+    system names, its headings with their units, and `display_value`'s rounding."""
+    heads = {**RESULTS, **RESOURCES}
+    return [{"system": system_name(r["system"], labels)}
+            | {heads[c]: display_value(r.get(c), c in PERCENT) for c in columns} for r in systems]
 
 
 def plot_systems(metrics: pd.DataFrame, path: Path, title: str, labels: dict[str, str] | None = None) -> Path:
@@ -146,9 +155,7 @@ def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header
     for heading, columns in (("Results", RESULTS), ("Resources", RESOURCES)):
         lines += [f"## {heading}", "", "| system | " + " | ".join(columns.values()) + " |",
                   "|" + "---|" * (len(columns) + 1)]
-        for row in metrics.to_dict("records"):
-            cells = [system_name(row["system"], labels)] + [display_value(row.get(c), c in PERCENT) for c in columns]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(row.values()) + " |" for row in display_rows(metrics.to_dict("records"), columns, labels)]
         lines.append("")
     lines += ["Wall time measured; serial s is the sum of the measured stage times of the same run; n/a where "
               "the machine offers no such counter.", ""]  # fmt: skip

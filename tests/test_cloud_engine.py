@@ -345,10 +345,12 @@ def test_score_manifest_writes_the_declared_table(tiny, images, tmp_path):
 
     scorer = VLMScorer(CloudScoreConfig(model=str(tiny), resize=112, batch_size=4, threshold=0.0, explain=True,
                                         explain_max_new_tokens=8, explain_batch_size=3, progress=False))
-    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(5)], "path": [str(p) for p in images[:5]]})
+    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(5)], "path": [str(p) for p in images[:5]],
+                             "source_path": [f"/data/{i}.jpg" if i != 2 else None for i in range(5)]})
     info = scorer.score_manifest(manifest, tmp_path / "scores.parquet")
     table = read_table(tmp_path / "scores.parquet")
     assert info["rows"] == 5 and list(table.image_id) == list(manifest.image_id)
+    assert table.source_path.tolist() == manifest.source_path.tolist()  # the user's file, null where unknown
     assert (table.model_id == model_identity(tiny)).all() and table.adapter_id.isna().all()
     assert "pred" not in table and info["explain_threshold"] == 0.0  # P(defect) only; verdicts are the decisions'
     # threshold 0: every image is a defect verdict and gets an explanation
@@ -393,6 +395,7 @@ def test_scoring_spread_over_two_processes_merges_shards_in_manifest_order(tiny,
     info = score_manifest_sharded(two, manifest, tmp_path / "two.parquet")
     one, merged = read_table(tmp_path / "one.parquet"), read_table(tmp_path / "two.parquet")
     assert list(merged.image_id) == list(manifest.image_id) and list(merged.path) == paths
+    assert merged.source_path.isna().all()  # a manifest without source files: null, in every shard
     np.testing.assert_allclose(merged.p_defect, one.p_defect, rtol=1e-5, atol=1e-6)
     assert info["devices"] == ["cpu", "cpu"] and [s["rows"] for s in info["shards"]] == [9, 7]  # batches of 3
     assert info["rows"] == 16 and not list(tmp_path.glob(".shards-*"))  # the shards' folder is gone

@@ -114,8 +114,12 @@ def test_resize_colour_and_table(tmp_path):
     manifest = pd.DataFrame({"image_id": ["abc"], "path": [str(path)], "label": [0]})
     ref, info = write_complexity(manifest, tmp_path / "cpx.parquet", CFG)
     out = read_table(ref.path)
-    assert list(out.columns) == ["image_id", "path", "complexity", "H", "E", "L", "G", "R", "cpx_size"]
+    assert list(out.columns) == ["image_id", "path", "source_path", "complexity", "H", "E", "L", "G", "R", "cpx_size"]
     assert out.image_id.tolist() == ["abc"] and ref.schema_name == "complexity"
+    assert out.source_path.isna().all()  # the manifest names no source file
+    with_source = manifest.assign(source_path="/data/carpet/test/good/000.jpg")
+    assert read_table(write_complexity(with_source, tmp_path / "s.parquet", CFG)[0].path).source_path.tolist() == [
+        "/data/carpet/test/good/000.jpg"]
     assert out.H.iloc[0] == pytest.approx(_reference(grey)["H"], abs=1e-12)
     assert out.L.iloc[0] == pytest.approx(_reference(grey)["L"], rel=1e-9)
     assert info["n_images"] == 1

@@ -70,7 +70,7 @@ def _what_failed(text: str) -> str:
 
 # how a run went, not what it computed (in concurrent runs each process may execute part of SAEC)
 MEASURED = (*{c for cols in MEASURED_COLUMNS.values() for c in cols}, "wall_s", "serial_s", "measured", "gpu_util_avg",
-            "gpu_power_avg_w", "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_avg_gb", "cpu_mem_added_gb",
+            "gpu_power_avg_w", "energy_wh", "energy_per_correct_mwh", "energy_sources", "cpu_mem_added_gb",
             "cpu_percent_avg")  # fmt: skip
 
 

@@ -158,11 +158,13 @@ def test_yaml_models_are_seeded():
 
 def test_predict_edge_rule_table(images, spread_weights, tmp_path, cache):
     cfg = _rule_cfg(spread_weights, smax_thr=0.5, margin_thr=0.1, ent_thr=0.5)
-    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(len(images))], "path": [str(p) for p in images]})
+    manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(len(images))], "path": [str(p) for p in images],
+                             "source_path": [f"/data/{i}.jpg" if i else None for i in range(len(images))]})
     info = predict_edge(cfg, manifest, tmp_path / "edge.parquet", cache)
     df = read_table(tmp_path / "edge.parquet")
     assert list(df.columns) == SCHEMAS["edge_predictions"].names
     assert df.image_id.tolist() == manifest.image_id.tolist() and df.path.tolist() == manifest.path.tolist()
+    assert df.source_path.tolist() == manifest.source_path.tolist()  # the user's file beside each verdict, null if unknown
     assert df.p_defect.isna().all() and (df["mode"] == "imagenet_rule").all()
     assert (df.runtime == "onnxruntime").all() and info["runtime_fallback_reason"] is None
     assert (df.model_id == hashlib.sha256(spread_weights.read_bytes()).hexdigest()[:16]).all()

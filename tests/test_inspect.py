@@ -1,6 +1,8 @@
 """`saec inspect`: runs, one run's metrics and tables, two runs compared, on a real store."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -18,13 +20,15 @@ def _decisions(n: int, wrong: int) -> pd.DataFrame:
                          "branch": "edge", "reason": "edge_confident", "score": 0.5, "system": "saec"})  # fmt: skip
 
 
-def _report(store: Store, key: str, acc: float, share: float, wrong: int):
+def _report(store: Store, key: str, acc: float, share: float, wrong: int, labels: dict | None = None):
     def build(out):
         ref = write_table(_decisions(10, wrong), "decisions", out / "decisions.parquet")
         (out / "report.md").write_text("# report\n")
-        rows = [{"system": "saec", "n": 10, "accuracy": acc, "balanced_accuracy": acc, "cloud_share": share,
-                 "wall_s": 2.0, "serial_s": 3.0, "energy_per_correct_mwh": None, "measured": "executed"}]  # fmt: skip
-        return {"decisions": ref.path, "markdown": out / "report.md"}, {"systems": rows}
+        rows = [{"system": "saec", "n": 10, "n_good": 4, "n_defect": 6, "accuracy": acc, "balanced_accuracy": acc,
+                 "cloud_share": share, "wall_s": 2.0, "serial_s": 3.0, "energy_per_correct_mwh": None,
+                 "measured": "executed"}]  # fmt: skip
+        info = {"systems": rows} | ({"labels": labels} if labels is not None else {})  # older reports lack labels
+        return {"decisions": ref.path, "markdown": out / "report.md"}, info
 
     return store.build_stage("report", key, build)
 
@@ -40,8 +44,9 @@ def store(tmp_path) -> Store:
     for i, (acc, share, wrong, state) in enumerate([(0.9, 0.3, 1, "ran"), (0.7, 0.5, 3, "ran")]):
         run = st.new_run("pipeline")
         run.record["started"] = f"2026-01-0{i + 1}T00:00:00+00:00"
-        run.add_stage(holdout, "ran" if i == 0 else "cached")
-        run.add_stage(_report(st, f"r{i}", acc, share, wrong), state, "mvtec_holdout/report")
+        run.add_stage(holdout, "ran" if i == 0 else "cached", seconds=12.5 if i == 0 else 0.25)
+        labels = {"saec": "SAEC (labelled)"} if i == 0 else None
+        run.add_stage(_report(st, f"r{i}", acc, share, wrong, labels), state, "mvtec_holdout/report")
         run.finish("completed")
     bad = st.new_run("pipeline")
     bad.record["started"] = "2026-01-03T00:00:00+00:00"
@@ -102,7 +107,14 @@ def test_command_line(store):
     assert out.exit_code == 0 and all(i in out.output for i in ids) and "InjectedFailure" in out.output
     out = runner.invoke(app, ["inspect", "show", ids.iloc[0], *where])
     assert out.exit_code == 0, out.output
-    assert "mvtec_holdout/report:decisions" in out.output and "0.9" in out.output
+    assert "mvtec_holdout/report:decisions" in out.output
+    # stage times, and the metrics as the report shows them: its names, class counts, headings and rounding
+    assert "seconds" in out.output and "12.5" in out.output
+    metrics = out.output.split("metrics", 1)[1].split("tables (show one", 1)[0]
+    assert "SAEC (labelled)" in metrics and "good n" in metrics and "defect n" in metrics and "accuracy %" in metrics
+    assert re.search(r"SAEC \(labelled\)\s*│\s*4\s*│\s*6\s*│\s*90\.0\s*│", metrics), metrics
+    out = runner.invoke(app, ["inspect", "show", ids.iloc[1], *where])
+    assert out.exit_code == 0 and "70.0" in out.output and "saec" in out.output.split("metrics", 1)[1]  # no labels: the id
     out = runner.invoke(app, ["inspect", "show", ids.iloc[0], "--table", "mvtec_holdout/report:decisions", "--rows", "3", *where])
     assert out.exit_code == 0 and "10 rows x 12 columns" in out.output and "src/2.png" in out.output
     out = runner.invoke(app, ["inspect", "compare", ids.iloc[0], ids.iloc[1], *where])

@@ -66,7 +66,7 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     assert "## Accuracy by defect type (%)" in md and "embedded stand-in" in md
     # results and resources in two tables (each fits a browser pane), one unit per column, rounded
     results = md.split("## Results", 1)[1].split("## Resources", 1)[0]
-    assert "| system | accuracy % | balanced % |" in results and "wall s" not in results
+    assert "| system | good n | defect n | accuracy % | balanced % |" in results and "wall s" not in results
     assert f"| {100 * saec.accuracy:.1f} |" in results.splitlines()[4]  # the first system's row: SAEC
     assert "| system | wall s | serial s |" in md.split("## Resources", 1)[1]
     assert Path(report.path("breakdown_figure")).stat().st_size > 10_000
@@ -93,7 +93,7 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     assert artifact_tag(load_config(None, [*SMALL, f"store.root={tmp_path / 'other'}"])) != artifact_tag(cfg)
     table = published[artifact_key(cfg, "mvtec_holdout", "metrics")]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert rows[0]["system"] == "saec" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
+    assert rows[0]["system"] == "SAEC" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
     assert str(tmp_path / "store") in table.description and first["run"].run_id in table.description
     summary = published[f"summary-{artifact_tag(cfg)}"].data
     assert "## mvtec_holdout" in summary and str(report.path("markdown")) in summary

@@ -347,7 +347,7 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
         report = _latest_artifact(client, artifact_key(cfg, "mvtec_holdout", "report"), tree)
         overview = _latest_artifact(client, f"summary-{artifact_tag(cfg)}", {ref_id})  # on the deployment's own run
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert rows[0]["system"] == "saec" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
+    assert rows[0]["system"] == "SAEC" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
     assert "## mvtec_holdout" in overview.data
     assert "saec" in report.data and str(_table_path(record, "mvtec_holdout/report:figure")) in report.data
     reference = _fingerprints(record)

@@ -83,3 +83,33 @@ def test_prepare_caches_reruns_only_what_changed_and_stops_on_leakage(prefect_se
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/run.json")]
     (failed,) = [r for r in records if r["status"] == "failed"]
     assert "LeakageError" in failed["error"] and len(records) == 6
+
+
+def test_a_short_holdout_is_warned_about_in_the_run_log_while_the_flow_runs(prefect_server, tmp_path):
+    """The warning goes through the flow run's logger (the terminal and the run's log show it) when the
+    set is built and when it comes from the store, not only in the command's closing summary."""
+    import logging
+
+    from saec.flows.prepare import prepare_flow
+
+    mvtec = make_mvtec(tmp_path / "mvtec")  # test/ less the SFT train images: 6 goods, 4 defects
+    cfg = load_config(None, ["data.source=folders", f"data.mvtec_root={mvtec}", f"store.root={tmp_path / 'store'}",
+                             "holdout.n_good=10", "holdout.n_defect=10"])  # fmt: skip
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        first = prepare_flow(cfg)
+        second = prepare_flow(cfg)
+    finally:
+        logger.removeHandler(handler)
+    assert [_states(o)["holdout"] for o in (first, second)] == ["ran", "cached"]
+    warned = [r for r in seen if "holdout is smaller than asked" in r.getMessage()]
+    assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)
+    assert "asked for 10 good + 10 defect" in warned[0].getMessage() and "cap_to_smaller took 4 + 4" in warned[0].getMessage()
+    assert {r.flow_run_id for r in warned} == {first["run"].record["flow_run_id"], second["run"].record["flow_run_id"]}

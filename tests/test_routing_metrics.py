@@ -1,6 +1,8 @@
 """Routing rules, merge, metrics and telemetry summaries on hand-checked tables."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,3 +123,49 @@ def test_embedded_model_has_its_own_threshold_and_scoring(tmp_path):
     assert real.cloud.score_config("m").tta == "none"
     no_turns = load_config(None, ["cloud.train.augment=none"])
     assert no_turns.cloud.score_config("m").tta == "none"
+
+
+def test_every_metrics_view_gives_class_counts_and_the_reports_system_names(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from saec.config import load_config
+    from saec.flows.evaluate import results_rows, system_labels
+    from saec.tasks.evaluate import baseline_decisions, system_row, write_report
+
+    manifest = pd.DataFrame({"image_id": IDS, "label": [0] * 4 + [1] * 6, "path": [f"val/{i}.png" for i in IDS],
+                             "source_path": [f"/data/{i}.jpg" for i in IDS], "category": "c",
+                             "defect_type": ["good"] * 4 + ["scratch"] * 6})  # fmt: skip
+    measured = {"wall_s": 1.0, "serial_s": 1.5,
+                "telemetry": {"cpu_mem_added_gb": 0.25, "cpu_mem_avg_gb": 3.0, "energy_sources": "none"}}  # fmt: skip
+    edge = baseline_decisions(manifest, _edge(), "edge_only", None)
+    scores = pd.DataFrame({"image_id": IDS, "p_defect": np.linspace(0.0, 1.0, 10)})
+    qwen = baseline_decisions(manifest, scores, "qwen_zeroshot", 0.5)
+    rows = [system_row("edge_only", edge, measured), system_row("qwen_zeroshot", qwen, measured)]
+    labels = system_labels(load_config(None, []))  # the embedded default: stand-ins named as such
+    files, info = write_report(tmp_path, "set", rows, [edge, qwen], [], labels=labels)
+
+    # one memory figure per system: what it added; the process's own size compares nothing
+    metrics = pd.read_parquet(files["metrics"])
+    assert "cpu_mem_avg_gb" not in metrics and list(metrics.cpu_mem_added_gb) == [0.25, 0.25]
+    assert all("cpu_mem_avg_gb" not in r for r in json.loads(files["json"].read_text()))
+    # the report's results table: the class counts beside every system, named as the run named it
+    results = files["markdown"].read_text().split("## Results", 1)[1].split("## Resources", 1)[0]
+    assert "| system | good n | defect n | accuracy % |" in results
+    assert f"| {labels['qwen_zeroshot']} | 4 | 6 |" in results
+    assert files["breakdown_figure"].stat().st_size > 10_000
+    # the artifacts and `saec run` show the same names, counts, headings and rounding
+    assert info["labels"] == labels
+    shown = results_rows(SimpleNamespace(info=info))
+    assert [r["system"] for r in shown] == [labels["edge_only"], labels["qwen_zeroshot"]]
+    assert (shown[1]["good n"], shown[1]["defect n"]) == ("4", "6") and "measured" in shown[1]
+    assert "measured" not in results_rows(SimpleNamespace(info=info), explain=False)[0]
+    from rich.console import Console
+
+    from saec.cli import _results_table
+
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(_results_table("set", SimpleNamespace(info=info)))
+    table = console.export_text()
+    assert "results: set (4 good, 6 defect)" in table and "good n" in table and "defect n" in table
+    assert "stand-in" in table and "zeroshot" not in table and "edge_only" not in table

@@ -462,9 +462,11 @@ class VLMScorer:
 
     # ---- tables -----------------------------------------------------------------------
     def score_manifest(self, manifest, out_path: str | Path) -> dict:
-        """Score every row of a manifest (image_id, path) and write the `cloud_scores` table."""
+        """Score every row of a manifest (image_id, path; source_path and category where it has them)
+        and write the `cloud_scores` table."""
         import pandas as pd
 
+        from saec.artifacts.schemas import source_paths
         from saec.artifacts.store import write_table
 
         missing = [c for c in ("image_id", "path") if c not in manifest.columns]
@@ -492,6 +494,7 @@ class VLMScorer:
             {
                 "image_id": manifest["image_id"].astype(str).to_numpy(),
                 "path": manifest["path"].astype(str).to_numpy(),
+                "source_path": source_paths(manifest),
                 "p_defect": scores["p_defect"],
                 "logit_0": scores["logit_0"],
                 "logit_1": scores["logit_1"],

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from saec.artifacts.schemas import source_paths
 from saec.artifacts.store import write_table
 from saec.tasks.edge.config import EdgeConfig, Thresholds
 from saec.tasks.edge.measures import rule_verdict, softmax_measures, thresholds_from_measures
@@ -22,7 +23,7 @@ from saec.tasks.edge.runtime import make_runner, read_onnx_meta
 from saec.tasks.edge.preprocess import iter_batches, to_nchw_float
 
 EDGE_COLUMNS = [
-    "image_id", "path", "p_defect", "smax", "margin", "entropy", "top1_class", "top1_name", "verdict",
+    "image_id", "path", "source_path", "p_defect", "smax", "margin", "entropy", "top1_class", "top1_name", "verdict",
     "mode", "runtime", "model_id", "imgsz", "batch_index", "batch_seconds", "wait_seconds",
 ]
 DEFECT = "defect"
@@ -55,7 +56,7 @@ def _check_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"the edge stage needs manifest columns image_id and path; missing {missing}")
     if manifest["path"].isna().any():
         raise ValueError("the manifest has rows without a path")
-    return manifest[["image_id", "path"]].reset_index(drop=True)
+    return manifest[["image_id", "path"]].assign(source_path=source_paths(manifest)).reset_index(drop=True)
 
 
 def defect_index(names: dict[int, str]) -> int:
@@ -189,7 +190,8 @@ def predict_edge(
     thresholds: Thresholds | None = None,
     int8_calibration: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Classify every image of `manifest` (columns image_id, path) and write `edge_predictions` Parquet.
+    """Classify every image of `manifest` (columns image_id, path; source_path where it has one) and
+    write `edge_predictions` Parquet.
 
     imagenet_rule: verdict = the published run's rule with `thresholds` (or the config's, when all three
     are set); p_defect is null. supervised: `weights` is the trained model.json (default: the
@@ -214,6 +216,7 @@ def predict_edge(
         verdict = (df.p_defect.to_numpy() >= cfg.defect_threshold).astype(np.int8)
     df.insert(0, "image_id", manifest["image_id"].astype(str))
     df.insert(1, "path", manifest["path"].astype(str))
+    df.insert(2, "source_path", manifest["source_path"])
     df = df.assign(
         verdict=verdict,
         mode=cfg.mode,
