@@ -61,12 +61,23 @@ def work_pool_names(spec: dict[str, Any]) -> list[str]:
     return sorted({d["work_pool"]["name"] for d in spec["deployments"]})
 
 
+# What each pool's workers are for, shown on the pool's page in the UI.
+POOL_DESCRIPTIONS = {
+    "edge": "SAEC edge stages (edge training and classification, on CPU; CUDA hidden) and the parent run of "
+            "distributed pipelines. Start a worker on each CPU machine: prefect worker start --pool edge",
+    "cloud": "SAEC cloud stages (building, QLoRA training and scoring of the vision-language models) and the "
+             "in-process pipeline and evaluation runs. Start a worker on each GPU machine: "
+             "prefect worker start --pool cloud",
+}
+
+
 def ensure_work_pools(names: list[str], pool_type: str = WORK_POOL_TYPE) -> list[str]:
-    """Create each work pool that does not exist yet (of `pool_type`); return the names created."""
+    """Create each work pool that does not exist yet (of `pool_type`), with its description; give an
+    existing pool without one its description. Returns the names created."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
@@ -81,9 +92,12 @@ def ensure_work_pools(names: list[str], pool_type: str = WORK_POOL_TYPE) -> list
                     pool = await client.read_work_pool(name)
                 except ObjectNotFound:
                     template = ProcessWorker.get_default_base_job_template()
-                    await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+                    await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template,
+                                                                 description=POOL_DESCRIPTIONS.get(name)))
                     created.append(name)
                     continue
+                if not pool.description and name in POOL_DESCRIPTIONS:
+                    await client.update_work_pool(name, WorkPoolUpdate(description=POOL_DESCRIPTIONS[name]))
                 if pool.type != pool_type:
                     console.print(f"[yellow]work pool {name!r} exists with type {pool.type!r}; its workers must run SAEC's flows[/yellow]")
         return created
