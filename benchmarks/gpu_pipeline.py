@@ -15,13 +15,19 @@ What it writes first (under --work), then what it runs:
 * phase "kill": the run is killed (SIGKILL, whole process group) as soon as training has
   written its first checkpoint; phase "resume": `saec run` again, which resumes training from
   that checkpoint and finishes every stage (compile caches cold: a fresh SAEC_HOME);
-  phase "warm": a new store, the adapter just trained, the MVTec set only, SAEC and the cloud
-  systems again in a fresh process with the compile caches the first one left.
+  phase "warm": a new store, the adapter just trained, the MVTec set only, SAEC and the cloud-only
+  system again in a fresh process with the compile caches the first one left;
+* phase "prime" (instead of kill and resume, where time is short): train, then SAEC on MVTec,
+  which fills the compile cache; phase "split": SAEC again with the edge on half the cores and a
+  quarter of them decoding; phase "edge_trained": the edge fine-tuned in the flow from the same
+  checkpoint (supervised mode), so that SAEC routes with a trained edge's confidence. `--no-llava`
+  writes no LLaVA folder (the runs then score no LLaVA).
 
 Random weights: accuracies are chance. The point is that every stage runs at real size, and
 what each costs.
 
-    python benchmarks/gpu_pipeline.py --models DIR --work DIR [--phases setup,kill,resume,warm]
+    python benchmarks/gpu_pipeline.py --models DIR --work DIR [--phases setup,kill,resume,warm,split,edge_trained]
+    python benchmarks/gpu_pipeline.py --models DIR --work DIR --no-llava --phases setup,prime,warm,split --train-steps 4
     python benchmarks/gpu_pipeline.py --models DIR --work DIR --smoke   # the same on a CPU, small
 
 The phases can run in separate invocations on the same --work folder. Results: JSON with the
@@ -212,7 +218,8 @@ def summarize_run(record: dict | None, out: Path, tag: str) -> dict:
                 rows = pd.read_parquet(log)
                 result["train"]["log"] = rows[["step", "session", "loss", "images", "step_seconds", "images_per_s"]]\
                     .round(4).to_dict("records")
-                later = rows[rows.step > rows.step.min()]  # the first step of a session pays the warm-up
+                first = rows.groupby("session").step.transform("min")
+                later = rows[rows.step > first]  # the first step of each session pays its warm-up
                 if len(later):
                     result["train"]["images_per_s_after_first_step"] = round(
                         float(later["images"].sum() / later["step_seconds"].sum()), 2)
@@ -233,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, required=True, help="folder holding the two weightless model folders")
     ap.add_argument("--work", type=Path, required=True, help="models, data, store and caches go here")
-    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--phases", default="setup,kill,resume,warm,split,edge_trained",
+                    help=f"comma-separated, in order, from {','.join(PHASES)} (prime replaces kill and resume)")
     ap.add_argument("--train-steps", type=int, default=12, help="optimizer steps of training (16 images each)")
     ap.add_argument("--checkpoint-every", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a phase's `saec run` may take")
