@@ -8,6 +8,7 @@ measured inside its own stage.
 """
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,10 +237,32 @@ def _publish(cfg: PipelineConfig, run: RunFolder, name: str, report: StageResult
     where = _provenance(cfg, run)
     create_table_artifact(key=artifact_key(cfg, name, "metrics"), table=results_rows(report),
                           description=f"SAEC results on {name} ({where})")
-    md = (report.path("markdown").read_text() + f"\n\nRun folder: `{run.path}`; report folder: `{report.dir}`; "
-          f"figure: `{report.path('figure')}`\n")
+    text = report.path("markdown").read_text()
+    systems = embedded_figure(report, "figure", f"SAEC and its baselines on {name}")
+    breakdown = embedded_figure(report, "breakdown_figure", f"accuracy by category and defect type on {name}")
+    head, sep, tail = text.partition("\n## Accuracy by category")  # the figure beside the tables it draws
+    md = (head.rstrip() + "\n\n" + systems + "\n" + sep + tail).rstrip() + "\n\n" + breakdown
+    md += f"\n\nRun folder: `{run.path}`; report folder: `{report.dir}`\n"
     create_markdown_artifact(key=artifact_key(cfg, name, "report"), markdown=md,
                              description=f"SAEC report on {name} ({where})")
+
+
+# Figures go into the UI inside the markdown, as data URIs: the UI runs in a browser that cannot
+# read the worker's disk, and Prefect's markdown renderer shows such images.
+MAX_EMBEDDED_BYTES = 4 * 2**20
+
+
+def embedded_figure(report: StageResult, output: str, alt: str) -> str:
+    """Markdown showing one of the report's PNG figures inline, with its path beneath; the path
+    alone where the figure is missing or too large to embed."""
+    try:
+        path = Path(report.path(output))
+        data = path.read_bytes()
+    except (KeyError, OSError):
+        return f"(no {output.replace('_', ' ')} in this report)"
+    if len(data) > MAX_EMBEDDED_BYTES:
+        return f"Figure ({len(data) / 2**20:.1f} MB, too large to show here): `{path}`"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})\n\nFigure file: `{path}`"
 
 
 def publish_summary(cfg: PipelineConfig, run: RunFolder, reports: dict[str, StageResult]) -> None:
@@ -253,7 +276,7 @@ def publish_summary(cfg: PipelineConfig, run: RunFolder, reports: dict[str, Stag
         head = [k for k in rows[0] if k not in (RESOURCES["energy_per_correct_mwh"], RESOURCES["cpu_mem_added_gb"], "measured")]
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         table += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
-        parts.append(f"## {name}\n\n" + "\n".join(table) + f"\n\nReport: `{report.path('markdown')}` "
-                     f"(artifact `{artifact_key(cfg, name, 'report')}`)\n")
+        parts.append(f"## {name}\n\n" + "\n".join(table) + "\n\n" + embedded_figure(report, "figure", name)
+                     + f"\n\nReport: `{report.path('markdown')}` (artifact `{artifact_key(cfg, name, 'report')}`)\n")
     create_markdown_artifact(key=f"summary-{artifact_tag(cfg)}", markdown="\n".join(parts),
                              description=f"SAEC results of every evaluation set ({_provenance(cfg, run)})")

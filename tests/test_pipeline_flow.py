@@ -7,7 +7,9 @@ depend on it, and a re-evaluation after a change to the training code.
 """
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +99,11 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     assert str(tmp_path / "store") in table.description and first["run"].run_id in table.description
     summary = published[f"summary-{artifact_tag(cfg)}"].data
     assert "## mvtec_holdout" in summary and str(report.path("markdown")) in summary
+    # the figures are in the page itself (the browser cannot read the worker's disk): the report's PNGs
+    shown = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", published[artifact_key(
+        cfg, "mvtec_holdout", "report")].data)
+    assert [base64.b64decode(b) for b in shown] == [Path(report.path(k)).read_bytes() for k in ("figure", "breakdown_figure")]
+    assert base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)\)", summary).group(1)) == Path(report.path("figure")).read_bytes()
 
     # the deployed entry point on the same store: every stage found in the store, reported as cached,
     # and SAEC's wall time is the one the first run measured (it names that run)
