@@ -166,3 +166,32 @@ def collect(run: RunFolder, future: PrefectFuture, name: str, task: Task, **para
     # a submitted stage overlapped others: its own time is its build's (a hit took next to none)
     run.add_stage(result, "cached" if cached else "ran", name, seconds=None if cached else result.build_s)
     return result
+
+
+# --- flow run names --------------------------------------------------------------------------------
+def run_name(flow: str):
+    """A `flow_run_name` for the flows that take the configuration (`cfg`, or `config` and
+    `overrides`): the flow, its evaluation sets and the tag of store and configuration that its
+    artifacts' keys carry, e.g. "pipeline mvtec_holdout+ksdd2_1to1 [3aafbf6b]"."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        from saec.config import PipelineConfig
+        from saec.flows.evaluate import artifact_tag
+
+        params = flow_run.parameters or {}
+        try:
+            cfg = params.get("cfg")
+            if cfg is None:
+                from saec.flows.remote import entry_config
+
+                cfg = entry_config(params.get("config"), params.get("overrides"))
+            elif not isinstance(cfg, PipelineConfig):
+                cfg = PipelineConfig.model_validate(cfg)
+        except Exception:  # a wrong configuration fails the run itself, with its own message
+            return flow
+        mode = " distributed" if params.get("distributed") else ""
+        return f"{flow}{mode} {'+'.join(cfg.evaluate.datasets)} [{artifact_tag(cfg)}]"
+
+    return name

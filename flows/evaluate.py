@@ -50,7 +50,7 @@ def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, s
 
     def p_first(quota: StageResult) -> dict:
         return dict(store=store, images=quota, table="cloud_manifest", model=m.vlm, adapter=m.adapter, cfg=score_cfg,
-                    telemetry=tel, label="saec: complexity quota")  # fmt: skip
+                    telemetry=tel, label=f"{name}/saec_cloud_quota")  # fmt: skip
 
     sampler = Sampler(tel).start()
     t0 = time.perf_counter()
@@ -62,11 +62,11 @@ def _saec(cfg: PipelineConfig, run: RunFolder, name: str, images: StageResult, s
     p_first = p_first(quota)
     f_first = submit_stage(score_cloud, **p_first)
     p_edge = dict(store=store, images=quota, table="edge_manifest", trained=m.edge, sft=sft, cfg=cfg.edge,
-                  telemetry=tel, label="saec: edge branch")  # fmt: skip
+                  telemetry=tel, label=f"{name}/saec_edge")  # fmt: skip
     edge = collect(run, submit_stage(predict_edge_task, **p_edge), f"{name}/saec_edge", predict_edge_task, **p_edge)
     p_route = dict(store=store, images=images, table="manifest", quota=quota, edge=edge, rule=rule)
     routing = collect(run, route_task.submit(**p_route), f"{name}/routing", route_task, **p_route)
-    p_second = p_first | dict(images=routing, table="cloud_manifest", label="saec: edge unsure")
+    p_second = p_first | dict(images=routing, table="cloud_manifest", label=f"{name}/saec_cloud_unsure")
     f_second = submit_stage(score_cloud, **p_second, wait_for=[f_first])  # one GPU: after the first cloud batch
     first = collect(run, f_first, f"{name}/saec_cloud_quota", score_cloud, **p_first)
     second = collect(run, f_second, f"{name}/saec_cloud_unsure", score_cloud, **p_second)
@@ -135,7 +135,7 @@ def _measurement_record(store: str, parts: dict, ran: list[str], fresh: dict, sa
 
 def _baseline(cfg, run, name, system, images, sft, m: Models) -> tuple[StageResult, dict]:
     store, tel = str(cfg.store.root), cfg.telemetry
-    common = dict(store=store, images=images, table="manifest", telemetry=tel, label=system)
+    common = dict(store=store, images=images, table="manifest", telemetry=tel, label=f"{name}/{system}")
     if system == "edge_only":
         res = call_stage(run, predict_edge_task, name=f"{name}/{system}", trained=m.edge, sft=sft, cfg=cfg.edge, **common)
     elif system == "cloud_only":
@@ -167,29 +167,35 @@ def evaluate_flow(cfg: PipelineConfig, run_id: str, name: str, images: StageResu
     notes = []
     if cfg.edge.mode == "imagenet_rule" and cfg.routing.keep_bidir:
         notes.append("edge.mode=imagenet_rule: a defect verdict cannot pass the keep test, so keep_bidir has no effect")
+    labels = system_labels(cfg)
+    if any("stand-in" in labels.get(s, "") for s in cfg.evaluate.systems):
+        notes.append(STAND_IN_NOTE)
     report = call_stage(run, report_task, name=f"{name}/report", store=store, dataset=name, images=images,
                         outputs=outputs, measurements=measurements, cloud_thr=cfg.routing.cloud_thr, notes=notes,
-                        labels=system_labels(cfg), shortfall=images.info.get("shortfall"))  # fmt: skip
+                        labels=labels, shortfall=images.info.get("shortfall"))  # fmt: skip
     _publish(cfg, run, name, report)
     return report
 
 
 def system_labels(cfg: PipelineConfig) -> dict[str, str]:
     """Names for the systems that run embedded stand-ins, so that no report passes them off as the
-    published models."""
+    published models (short, so that tables fit a browser pane; `STAND_IN_NOTE` says what they are)."""
     labels = {}
     if cfg.cloud.embedded:
-        labels["cloud_only"] = "Cloud only (embedded tiny Qwen2.5-VL stand-in, LoRA-tuned)"
-        labels["qwen_zeroshot"] = "Qwen2.5-VL zero-shot (embedded stand-in: tiny, pretrained elsewhere)"
+        labels["cloud_only"] = "Cloud only (stand-in, tuned)"
+        labels["qwen_zeroshot"] = "Qwen zero-shot (stand-in)"
     if cfg.cloud.llava_model is None:
-        labels["llava_zeroshot"] = "LLaVA-1.5 zero-shot (embedded stand-in: tiny, pretrained elsewhere)"
+        labels["llava_zeroshot"] = "LLaVA zero-shot (stand-in)"
+    supervised = cfg.edge.mode == "supervised"
     if Path(cfg.edge.weights) == standin("edge"):
-        labels["edge_only"] = ("Edge only (embedded YOLO11n-cls stand-in, fine-tuned)" if cfg.edge.mode == "supervised"
-                               else "Edge only (embedded YOLO11n-cls stand-in, untuned)")
+        labels["edge_only"] = "Edge only (stand-in, tuned)" if supervised else "Edge only (stand-in, untuned)"
     elif cfg.edge.weights.endswith((".yaml", ".yml")):
-        labels["edge_only"] = ("Edge only (YOLO11-cls from random weights, trained here)" if cfg.edge.mode == "supervised"
-                               else "Edge only (YOLO11-cls with random weights, untrained)")
+        labels["edge_only"] = "Edge only (random init, trained)" if supervised else "Edge only (random, untrained)"
     return labels
+
+
+STAND_IN_NOTE = ("stand-in: an embedded tiny model shipped with SAEC (Qwen2.5-VL and LLaVA-1.5 architectures, a "
+                 "YOLO11n-cls edge), pretrained on a synthetic world of other categories; not the published weights")
 
 
 def artifact_tag(cfg: PipelineConfig) -> str:

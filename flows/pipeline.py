@@ -5,7 +5,7 @@ from prefect import flow
 
 from saec.artifacts.store import Store
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, end_run, start_run
+from saec.flows.common import call_stage, end_run, run_name, start_run
 from saec.flows.evaluate import Models, evaluate_flow, publish_summary
 from saec.flows.prepare import prepare_stages
 from saec.standins import standin
@@ -33,7 +33,7 @@ def build_models(cfg: PipelineConfig, run, sft) -> Models:
     return Models(edge=edge, vlm=vlm, adapter=adapter, llava=llava)
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> dict:
     """The whole SAEC pipeline; returns the report stage of each evaluation set."""
     run = start_run(cfg, "pipeline")

@@ -8,7 +8,7 @@ from prefect import flow
 
 from saec.artifacts.store import RunFolder, StageResult
 from saec.config import PipelineConfig
-from saec.flows.common import call_stage, end_run, start_run
+from saec.flows.common import call_stage, end_run, run_name, start_run
 from saec.tasks.data import fingerprint, holdout_task, ksdd2_task, leakage_task, scan_ksdd2, scan_mvtec
 from saec.tasks.sft import sft_task
 from saec.tasks.synth import synth_task
@@ -62,7 +62,7 @@ def prepare_stages(cfg: PipelineConfig, run: RunFolder) -> dict:
     return out
 
 
-@flow(name="prepare", log_prints=True)
+@flow(name="prepare", flow_run_name=run_name("prepare"), log_prints=True)
 def prepare_flow(cfg: PipelineConfig) -> dict:
     """Build the SFT split, the MVTec AD holdout and the KolektorSDD2 1:1 set, and check leakage."""
     run = start_run(cfg, "prepare")

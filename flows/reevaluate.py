@@ -25,7 +25,7 @@ configure_offline()
 
 from saec.artifacts.store import RunFolder, StageResult, Store, write_table  # noqa: E402
 from saec.config import PipelineConfig  # noqa: E402
-from saec.flows.common import end_run, placed, start_run  # noqa: E402
+from saec.flows.common import end_run, placed, run_name, start_run  # noqa: E402
 from saec.flows.evaluate import evaluate_flow  # noqa: E402
 from saec.flows.pipeline import EVAL_SETS, build_models  # noqa: E402
 from saec.flows.prepare import prepare_stages  # noqa: E402
@@ -122,7 +122,7 @@ def _artifact_key(dataset: str) -> str:
     return "drift-" + dataset.replace("_", "-").lower()
 
 
-@flow(name="reevaluate", log_prints=True)
+@flow(name="reevaluate", flow_run_name=run_name("reevaluate"), log_prints=True)
 def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | None = None, deployment: str = "local") -> dict:
     """Evaluate the models of a pipeline run on the current data; compare with the previous re-evaluation."""
     store = Store(cfg.store.root)
@@ -168,7 +168,7 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
     return {"run": run, "reports": reports, "drift": run.record.get("drift", {})}
 
 
-@flow(name="saec-evaluate", log_prints=True)
+@flow(name="saec-evaluate", flow_run_name=run_name("saec-evaluate"), log_prints=True)
 def saec_evaluate(
     config: str | None = None,
     overrides: list[str] | None = None,

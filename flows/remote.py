@@ -42,7 +42,7 @@ configure_offline()
 from saec.artifacts.store import RunFolder, StageResult  # noqa: E402
 from saec.config import PipelineConfig, load_config  # noqa: E402
 from saec.artifacts.store import write_json_atomic  # noqa: E402
-from saec.flows.common import cached_result, placed, run_here  # noqa: E402
+from saec.flows.common import cached_result, placed, run_here, run_name  # noqa: E402
 from saec.flows.evaluate import publish_summary  # noqa: E402
 from saec.flows.pipeline import pipeline_flow  # noqa: E402
 from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
@@ -203,7 +203,7 @@ class RemoteStages:
         run = run_deployment(
             deployment,
             parameters={"stage": task.name, "params": encode_params(task, params)},
-            flow_run_name=f"{task.name}: {label}" if label else task.name,
+            flow_run_name=f"{task.name} {label}" if label else task.name,  # e.g. "score-cloud mvtec_holdout/cloud_only"
             tags=["saec", deployment.split("/")[1]],
             timeout=0,
         )
@@ -298,7 +298,7 @@ def stage_placement(cfg: PipelineConfig, distributed: bool, remote: RemoteConfig
         stages.close(wait=not failed)
 
 
-@flow(name="saec-pipeline", log_prints=True)
+@flow(name="saec-pipeline", flow_run_name=run_name("saec-pipeline"), log_prints=True)
 def saec_pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,

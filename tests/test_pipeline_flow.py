@@ -65,7 +65,7 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
     assert set(groups[groups.by == "defect_type"].group) == set(manifest.defect_type)
     md = report.path("markdown").read_text()
     assert f"Evaluation set: {n} images" in md and "## Accuracy by category (%)" in md
-    assert "## Accuracy by defect type (%)" in md and "embedded stand-in" in md
+    assert "## Accuracy by defect type (%)" in md and "stand-in: an embedded tiny model" in md
     # results and resources in two tables (each fits a browser pane), one unit per column, rounded
     results = md.split("## Results", 1)[1].split("## Resources", 1)[0]
     assert "| system | good n | defect n | accuracy % | balanced % |" in results and "wall s" not in results
@@ -88,6 +88,13 @@ def test_pipeline_reports_every_system_caches_and_reruns_only_what_a_threshold_t
 
     cfg = load_config(None, base)
     published = asyncio.run(artifacts())
+
+    async def run_names():
+        async with get_client() as client:
+            return {r.name for r in await client.read_flow_runs()}
+
+    # flow runs are named for what they do, with the tag their artifacts' keys carry
+    assert {f"pipeline mvtec_holdout [{artifact_tag(cfg)}]", "evaluate mvtec_holdout"} <= asyncio.run(run_names())
     keys = {artifact_key(cfg, "mvtec_holdout", "metrics"), artifact_key(cfg, "mvtec_holdout", "report"),
             f"summary-{artifact_tag(cfg)}"}
     assert keys <= set(published)

@@ -385,7 +385,9 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     assert not any(d["cached"] for d in resumed["dispatched"])
     with _client(stack) as client:
         stage_runs = [r for r in _descendants(client, run_id) if r.deployment_id is not None]
-        pools_used = {r.name.split(":")[0]: r.work_pool_name for r in stage_runs if r.state.is_completed()}
+        pools_used = {r.name.split(" ")[0]: r.work_pool_name for r in stage_runs if r.state.is_completed()}
+    # each stage run is named for its stage and, where it has one, its set and system
+    assert {"score-cloud mvtec_holdout/saec_cloud_quota", "predict-edge mvtec_holdout/saec_edge"} <= {r.name for r in stage_runs}
     assert pools_used["train-edge"] == "edge" and pools_used["predict-edge"] == "edge"
     assert pools_used["train-cloud"] == "cloud"
     assert pools_used["score-cloud"] == "cloud"

@@ -143,6 +143,7 @@ def test_every_metrics_view_gives_class_counts_and_the_reports_system_names(tmp_
     qwen = baseline_decisions(manifest, scores, "qwen_zeroshot", 0.5)
     rows = [system_row("edge_only", edge, measured), system_row("qwen_zeroshot", qwen, measured)]
     labels = system_labels(load_config(None, []))  # the embedded default: stand-ins named as such
+    assert max(map(len, labels.values())) <= 32  # short enough for a results table to fit a browser pane
     files, info = write_report(tmp_path, "set", rows, [edge, qwen], [], labels=labels)
 
     # one memory figure per system: what it added; the process's own size compares nothing
