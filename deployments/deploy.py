@@ -2,13 +2,19 @@
 
     saec deploy apply              work pools (process type) + every deployment, on the server PREFECT_API_URL names
     saec deploy serve              every deployment served by this one process (no pools, no workers)
+    saec deploy worker --pool P    a Prefect worker of work pool P
     saec deploy run NAME [--set ...] [--wait]   one flow run of a deployment, e.g. saec-pipeline/distributed
 
 `prefect.yaml` stays the single description of the deployments: `apply` hands it to
 `prefect deploy`, and `serve` reads the same entries.
+
+`serve` and `worker` run their Prefect process as a supervised child (`supervise`): one Ctrl-C
+stops it, also when the Prefect server has gone away and the process would wait on it.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +29,7 @@ PREFECT_FILE = Path(__file__).resolve().with_name("prefect.yaml")
 WORK_POOL_TYPE = "process"
 
 console = Console()
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect deployments of SAEC: apply, serve, run.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect deployments of SAEC: apply, serve, worker, run.")
 
 
 class SpecError(ValueError):
@@ -64,10 +70,10 @@ def work_pool_names(spec: dict[str, Any]) -> list[str]:
 # What each pool's workers are for, shown on the pool's page in the UI.
 POOL_DESCRIPTIONS = {
     "edge": "SAEC edge stages (edge training and classification, on CPU; CUDA hidden) and the parent run of "
-            "distributed pipelines. Start a worker on each CPU machine: prefect worker start --pool edge",
+            "distributed pipelines. Start a worker on each CPU machine: saec deploy worker --pool edge",
     "cloud": "SAEC cloud stages (building, QLoRA training and scoring of the vision-language models) and the "
              "in-process pipeline and evaluation runs. Start a worker on each GPU machine: "
-             "prefect worker start --pool cloud",
+             "saec deploy worker --pool cloud",
 }
 
 
@@ -161,10 +167,85 @@ def trigger(name: str, parameters: dict[str, Any] | None = None, wait_s: float |
     return run
 
 
+# ------------------------------------------------------------------ supervised processes
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+def _group_gone(child: subprocess.Popen, timeout: float) -> bool:
+    """Whether, within `timeout` s, the child has exited and nothing is left in its process group."""
+    end = time.monotonic() + timeout
+    while True:
+        child.poll()  # reap it, so that it no longer counts as a member
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
+
+
+def supervise(cmd: list[str], grace: float = 10.0, kill_after: float = 5.0, what: str | None = None) -> int:
+    """Run `cmd` as a child in a session of its own; stop it on SIGINT or SIGTERM, also when it hangs.
+
+    A terminal's Ctrl-C reaches only this process. The first SIGINT or SIGTERM it gets is passed on
+    as one SIGINT, Prefect's graceful stop. If the child's process group (the child and what it started
+    there, such as the flow runs of `serve`) is not gone `grace` s later, or at a second signal, the
+    group gets SIGTERM, and SIGKILL `kill_after` s after that. Returns the child's exit code (128 + N for a child ended
+    by signal N); when the child had to be stopped, 128 + the signal this process got (130 for SIGINT).
+    """
+    what = what or " ".join(cmd)
+    old = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)}
+    child = None
+    try:
+        try:
+            child = subprocess.Popen(cmd, start_new_session=True)
+            code = child.wait()
+            return 128 - code if code < 0 else code
+        except _Signalled as sig:
+            received = sig.signum
+        if child is None:
+            return 128 + received
+        child.send_signal(signal.SIGINT)
+        why = f"still running {grace:g} s after SIGINT"
+        try:
+            gone = _group_gone(child, grace)
+        except _Signalled:  # a second Ctrl-C: no more waiting
+            gone, why = False, "interrupted twice"
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        if gone:
+            return 128 - child.returncode if child.returncode < 0 else child.returncode
+        print(f"{what}: {why}, most likely waiting on a Prefect server it cannot reach (or on a flow run that has "
+              f"not ended); stopping it: SIGTERM, then SIGKILL after {kill_after:g} s", file=sys.stderr, flush=True)
+        for sig, wait_s in ((signal.SIGTERM, kill_after), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                break
+            if _group_gone(child, wait_s):
+                break
+        return 128 + received
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 # ------------------------------------------------------------------ command line
 
 FileOpt = Annotated[Path, typer.Option("--file", "-f", help="deployments file")]
 NameOpt = Annotated[Optional[list[str]], typer.Option("--name", "-n", help="'<flow>/<deployment>' (repeatable); default: all")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="most flow runs at once")]
+GraceOpt = Annotated[float, typer.Option(help="seconds it gets to stop after Ctrl-C before it is terminated")]
 
 
 def _fail(msg: str) -> None:
@@ -182,16 +263,23 @@ def apply_cmd(prefect_file: FileOpt = PREFECT_FILE, name: NameOpt = None) -> Non
     for n in name or deployment_names(load_spec(prefect_file)):
         console.print(f"deployed {n}")
     pools = work_pool_names(load_spec(prefect_file))
-    console.print("start a worker per pool: " + "; ".join(f"prefect worker start --pool {p}" for p in pools))
+    console.print("start a worker per pool: " + "; ".join(f"saec deploy worker --pool {p}" for p in pools))
 
 
 @app.command("serve")
-def serve_cmd(
-    prefect_file: FileOpt = PREFECT_FILE,
-    name: NameOpt = None,
-    limit: Annotated[Optional[int], typer.Option(help="most flow runs at once")] = None,
-) -> None:
-    """Serve the deployments from this process: no work pools, no workers (one machine)."""
+def serve_cmd(prefect_file: FileOpt = PREFECT_FILE, name: NameOpt = None, limit: LimitOpt = None,
+              grace: GraceOpt = 10.0) -> None:  # fmt: skip
+    """Serve the deployments from one process: no work pools, no workers (one machine). Ctrl-C stops it."""
+    cmd = [sys.executable, "-m", "saec.deployments.deploy", "serve-here", "--file", str(prefect_file)]
+    cmd += [arg for n in name or [] for arg in ("--name", n)]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    raise typer.Exit(supervise(cmd, grace, what="saec deploy serve"))
+
+
+@app.command("serve-here", hidden=True)
+def serve_here_cmd(prefect_file: FileOpt = PREFECT_FILE, name: NameOpt = None, limit: LimitOpt = None) -> None:
+    """`serve` in this process, unsupervised."""
     from prefect import serve
 
     try:
@@ -199,6 +287,19 @@ def serve_cmd(
     except SpecError as exc:
         _fail(str(exc))
     serve(*deployments, limit=limit)
+
+
+@app.command("worker")
+def worker_cmd(
+    pool: Annotated[str, typer.Option("--pool", "-p", help="work pool, e.g. edge or cloud")],
+    limit: LimitOpt = None,
+    grace: GraceOpt = 10.0,
+) -> None:
+    """Start a Prefect worker of a work pool (`prefect worker start`); one Ctrl-C stops it, server or not."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    raise typer.Exit(supervise(cmd, grace, what=f"prefect worker of pool {pool!r}"))
 
 
 @app.command("run")

@@ -223,7 +223,7 @@ class RemoteStages:
                     pool = client.read_deployment_by_name(deployment).work_pool_name
                     raise RemoteStageError(
                         f"stage {task.name!r}: no worker of work pool {pool!r} picked up flow run {run.name} "
-                        f"within {self.cfg.start_timeout_s:.0f} s; start one with `prefect worker start --pool {pool}`"
+                        f"within {self.cfg.start_timeout_s:.0f} s; start one with `saec deploy worker --pool {pool}`"
                     )
                 if started is not None and self.cfg.timeout_s is not None and now - started > self.cfg.timeout_s:
                     client.set_flow_run_state(run.id, Cancelled(message="timed out"), force=True)

@@ -333,7 +333,7 @@ app.add_typer(_inspect_app, name="inspect", help="Runs, metrics, tables and Pref
 
 @app.command("deploy", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def deploy_cmd(ctx: typer.Context) -> None:
-    """Prefect deployments: apply (work pools + deployments), serve, run. See `saec deploy --help`."""
+    """Prefect deployments: apply (work pools + deployments), serve, worker, run. See `saec deploy --help`."""
     from saec.deployments.deploy import app as deploy_app
 
     typer.main.get_command(deploy_app)(args=ctx.args, prog_name="saec deploy")

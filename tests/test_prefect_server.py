@@ -327,7 +327,7 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
     with _client(stack) as client:
         pools = {p: client.read_work_pool(p) for p in ("edge", "cloud")}
         assert {p.type for p in pools.values()} == {"process"}
-        assert "prefect worker start --pool edge" in pools["edge"].description  # what the pool is for, in the UI
+        assert "saec deploy worker --pool edge" in pools["edge"].description  # what the pool is for, in the UI
         assert "GPU" in pools["cloud"].description
         nightly = client.read_deployment_by_name("saec-evaluate/nightly")
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
