@@ -1,9 +1,10 @@
 """Screenshots of the Prefect UI as an operator sees SAEC's runs (headless Chromium).
 
 Starts a Prefect server on loopback (its own PREFECT_HOME), applies the deployments, starts a worker
-on the `cloud` pool, runs the in-process pipeline deployment on a small embedded draw, then photographs the pages an operator opens:
-the runs list, the deployment run's artifacts, the summary artifact, the report artifact (figures
-inside), the results table and the work pools. Needs `chromium` (Debian's package) on PATH.
+on the `cloud` pool, runs the in-process pipeline deployment on a small embedded draw, then
+photographs the pages an operator opens: the runs list, the deployment run, the artifacts list, the
+summary artifact, the report artifact (figures inside), the results table and the work pools.
+Needs `chromium` (Debian's package) on PATH.
 
     .venv/bin/python benchmarks/ui_screenshots.py [--out docs/ui] [--work DIR]
 """
@@ -53,7 +54,7 @@ def saec(*args: str, env: dict, **kw) -> subprocess.CompletedProcess:
 
 def shoot(browser: str, url: str, target: Path, height: int = 1100) -> None:
     subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size=1400,{height}", "--virtual-time-budget=20000", f"--screenshot={target}", url],
+                    f"--window-size=1600,{height}", "--virtual-time-budget=20000", f"--screenshot={target}", url],
                    check=True, capture_output=True, timeout=120)
     print(f"{target.name}: {url}", flush=True)
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         procs.append(server)
         wait_healthy(f"{ui}/api")
         saec("deploy", "apply", env=env)
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cloud"],
+        worker = subprocess.Popen([sys.executable, "-m", "saec.cli", "deploy", "worker", "--pool", "cloud"],
                                   env=env, cwd=ROOT, stdout=open(work / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
         procs.append(worker)
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         pages = asyncio.run(find_pages("saec-pipeline"))
         top = pages["top"]
         shoot(browser, f"{ui}/runs", out / "1-runs.png")
-        shoot(browser, f"{ui}/runs/flow-run/{top.id}?tab=Artifacts", out / "2-deployment-run-artifacts.png")
-        shoot(browser, f"{ui}/runs/flow-run/{top.id}?tab=Subflow%20Runs", out / "3-deployment-run-subflows.png")
+        # the run's page opens on its logs; its timeline marks the summary artifact on this run
+        shoot(browser, f"{ui}/runs/flow-run/{top.id}", out / "2-deployment-run.png")
+        shoot(browser, f"{ui}/artifacts", out / "3-artifacts.png")
         for name, key, height in (("4-summary", "summary-", 1600), ("5-report", "mvtec-holdout-report-", 3200),
                                   ("6-results-table", "mvtec-holdout-metrics-", 900)):
             art = pages[key]

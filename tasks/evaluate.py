@@ -158,5 +158,8 @@ def report_task(
             d = baseline_decisions(manifest, table, system, None if system == "edge_only" else cloud_thr)
         rows.append(system_row(system, d, measurements[system]))
         decisions.append(d)
-    all_notes.append("energy counted from: " + "; ".join(f"{r['system']}: {r['energy_sources']}" for r in rows))
+    sources = "; ".join(f"{r['system']}: {r['energy_sources']}" for r in rows)
+    none = any(r["energy_sources"] == "none" for r in rows)
+    all_notes.append("energy counted from: " + sources + (" (none: no energy counter is readable on this machine)"
+                                                           if none else ""))
     return write_report(out, dataset, rows, decisions, all_notes, header, labels)
