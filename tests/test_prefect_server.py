@@ -348,6 +348,10 @@ def test_deployments_on_two_work_pools_resume_a_failed_run_and_flag_drift(stack,
         table = _latest_artifact(client, artifact_key(cfg, "mvtec_holdout", "metrics"), tree)
         report = _latest_artifact(client, artifact_key(cfg, "mvtec_holdout", "report"), tree)
         overview = _latest_artifact(client, f"summary-{artifact_tag(cfg)}", {ref_id})  # on the deployment's own run
+        names = {client.read_flow_run(r).name for r in tree}
+    # every flow run named for what it does; the pipeline's carry the tag of their artifacts' keys
+    tag = artifact_tag(cfg)
+    assert {f"saec-pipeline mvtec_holdout [{tag}]", f"pipeline mvtec_holdout [{tag}]", "evaluate mvtec_holdout"} <= names
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["system"] == "SAEC" and rows[0]["accuracy %"] == f"{100 * metrics.accuracy.iloc[0]:.1f}"
     assert "## mvtec_holdout" in overview.data
