@@ -233,3 +233,19 @@ def test_code_versions_survive_a_tree_built_elsewhere_during_their_parse():
     if not isinstance(got["ast.parse"], SystemError):
         pytest.skip(f"Python {sys.version.split()[0]} does not show the hazard")
     assert got["code.parse"] == ast.dump(ast.parse(source))
+
+
+def test_what_a_stage_holds_loaded_at_run_time_is_not_part_of_its_code():
+    """The cloud stages keep loaded scorers between tasks (and SAEC preloads one in the background):
+    their cache key must be the same whether a scorer is loaded when it is computed or not. (It was
+    not when the loaded scorers sat in a module-level dict: a stage keyed while the preload held a
+    model got another key than the same stage in a process that loaded nothing.)"""
+    from saec.artifacts.code import code_identity
+    from saec.tasks.cloud import task
+
+    empty = code_identity(task.score_cloud.fn)
+    task._LOADED._scorers["a scorer's config"] = object()  # what a load leaves, without loading
+    try:
+        assert code_identity(task.score_cloud.fn) == empty
+    finally:
+        task.release_models()

@@ -77,38 +77,49 @@ def adapter_ref(trained: StageResult | None = None, path: str | None = None) -> 
     return ModelRef(kind="adapter", path=str(adapter), sha256=trained.digest())
 
 
-# Loaded scorers are kept between tasks of one process: SAEC's two cloud stages load the model
-# once. One lock serialises loading, so a stage that asks for a scorer being preloaded waits for
-# that load instead of starting a second one.
-_SCORERS: OrderedDict[str, object] = OrderedDict()
-_SCORERS_LOCK = threading.Lock()
-_KEEP_SCORERS = 2
+class LoadedScorers:
+    """Scorers kept loaded between the tasks of one process: SAEC's two cloud stages load the model
+    once. One lock serialises loading, so a stage that asks for a scorer being preloaded waits for
+    that load instead of starting a second one. (A class, not a module-level dict: what it holds at
+    run time must not read as part of the stage's code when its cache key is computed.)"""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._scorers: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cfg_json: str):
+        from saec.tasks.cloud.engine import VLMScorer
+
+        with self._lock:
+            if cfg_json in self._scorers:
+                self._scorers.move_to_end(cfg_json)
+                return self._scorers[cfg_json]
+            scorer = VLMScorer(CloudScoreConfig.model_validate_json(cfg_json))
+            self._scorers[cfg_json] = scorer
+            while len(self._scorers) > self.keep:
+                self._scorers.popitem(last=False)
+            return scorer
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._scorers)
+
+    def clear(self) -> None:
+        with self._lock:  # waits for a load in progress
+            self._scorers.clear()
+
+
+_LOADED = LoadedScorers()
 
 
 def _scorer(cfg_json: str):
-    from saec.tasks.cloud.engine import VLMScorer
-
-    with _SCORERS_LOCK:
-        if cfg_json in _SCORERS:
-            _SCORERS.move_to_end(cfg_json)
-            return _SCORERS[cfg_json]
-        scorer = VLMScorer(CloudScoreConfig.model_validate_json(cfg_json))
-        _SCORERS[cfg_json] = scorer
-        while len(_SCORERS) > _KEEP_SCORERS:
-            _SCORERS.popitem(last=False)
-        return scorer
-
-
-def loaded_scorers() -> int:
-    """How many scorers this process holds loaded."""
-    with _SCORERS_LOCK:
-        return len(_SCORERS)
+    return _LOADED.get(cfg_json)
 
 
 def release_models() -> None:
     """Drop loaded scorers, so that the next system measured pays for loading its own model."""
-    with _SCORERS_LOCK:  # waits for a load in progress
-        _SCORERS.clear()
+    _LOADED.clear()
     import gc
 
     gc.collect()
