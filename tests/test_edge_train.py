@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,13 +178,16 @@ def test_trained_model_is_kept_without_pickle(sft, trained, tmp_path, monkeypatc
 
 
 def test_edge_training_shows_its_progress(sft, tmp_path, capfd):
-    """Ultralytics prints nothing here (verbose off): the stage's own bar gives epochs, the loss,
-    training images/s and validation accuracy; progress=False shows nothing."""
+    """Ultralytics prints nothing here (verbose off): the stage's own bar moves batch by batch and
+    gives the epoch, the loss, training images/s and validation accuracy; progress=False shows nothing."""
     cfg = EdgeConfig(mode="supervised", imgsz=32, batch_size=5, progress=True,
                      train={"epochs": 2, "batch": 8, "auto_augment": None})
     train_edge(cfg, sft["train"], sft["val"], tmp_path / "w", tmp_path / "o")
     err = capfd.readouterr().err
-    assert "edge training" in err and "2/2" in err
+    assert "edge training" in err and "epoch=2/2" in err
+    # counted in batches (8 images each, several an epoch), every one of both epochs
+    n, total = map(int, re.findall(r"edge training: *\d+%\|[^|]*\| *(\d+)/(\d+)", err)[-1])
+    assert n == total and total % 2 == 0 and total > 2
     assert "loss=" in err and "img_s=" in err and "val_acc=" in err
     quiet = cfg.model_copy(update={"progress": False})
     train_edge(quiet, sft["train"], sft["val"], tmp_path / "w2", tmp_path / "o2")

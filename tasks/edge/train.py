@@ -173,16 +173,31 @@ def _process_settings_kept():
 
 
 def _progress(yolo, epochs: int, show: bool):
-    """A terminal bar over the epochs of an Ultralytics run (its own printing is off): the epoch's
-    mean training loss, training images/s and validation accuracy."""
+    """A terminal bar over the batches of an Ultralytics run (its own printing is off), so that a long
+    epoch on real images shows it moving: the epoch, the training images/s so far in it, and after
+    each epoch its mean training loss and the validation accuracy."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=epochs, desc="edge training", unit="epoch", disable=not show, dynamic_ncols=True)
-    started = {"t": time.perf_counter()}
+    bar = tqdm(total=epochs, desc="edge training", unit="batch", disable=not show, dynamic_ncols=True)
+    started = {"t": time.perf_counter(), "batches": 0}
     stats: dict[str, str] = {}
 
+    def train_start(trainer) -> None:  # the loader exists now: count the bar in batches
+        loader = getattr(trainer, "train_loader", None)
+        if loader is not None and len(loader):
+            bar.reset(total=epochs * len(loader))
+
     def epoch_start(trainer) -> None:
-        started["t"] = time.perf_counter()
+        started.update(t=time.perf_counter(), batches=0)
+        stats["epoch"] = f"{getattr(trainer, 'epoch', 0) + 1}/{epochs}"
+
+    def batch_end(trainer) -> None:
+        started["batches"] += 1
+        seconds = time.perf_counter() - started["t"]
+        if seconds > 0:
+            stats["img_s"] = f"{started['batches'] * getattr(trainer, 'batch_size', 0) / seconds:.1f}"
+        bar.update(1)
+        bar.set_postfix(stats, refresh=False)
 
     def epoch_end(trainer) -> None:  # after the training batches, before validation
         loss = getattr(trainer, "tloss", None)  # a tensor, or {name: value} in newer Ultralytics
@@ -199,10 +214,11 @@ def _progress(yolo, epochs: int, show: bool):
         top1 = (getattr(trainer, "metrics", None) or {}).get("metrics/accuracy_top1")
         if top1 is not None:
             stats["val_acc"] = f"{100 * float(top1):.1f}%"
-        bar.update(1)
         bar.set_postfix(stats)
 
+    yolo.add_callback("on_train_start", train_start)
     yolo.add_callback("on_train_epoch_start", epoch_start)
+    yolo.add_callback("on_train_batch_end", batch_end)
     yolo.add_callback("on_train_epoch_end", epoch_end)
     yolo.add_callback("on_fit_epoch_end", fit_end)
     return bar
