@@ -255,13 +255,19 @@ def register(name: str, schema: pa.Schema) -> pa.Schema:
     return schema
 
 
+def text_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """Column `name` of `frame` as text for a per-image table: strings, None where a row has no value
+    (all None where the frame has no such column)."""
+    if name not in frame.columns:
+        return np.full(len(frame), None, dtype=object)
+    values = frame[name]
+    return values.astype(object).where(values.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
+
+
 def source_paths(manifest: pd.DataFrame) -> np.ndarray:
     """The `source_path` of every row of a manifest, for the per-image tables that carry it beside
-    `image_id`: strings, None where the manifest names no source (or has no such column)."""
-    if "source_path" not in manifest.columns:
-        return np.full(len(manifest), None, dtype=object)
-    values = manifest["source_path"]
-    return values.astype(object).where(values.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
+    `image_id`."""
+    return text_column(manifest, "source_path")
 
 
 def empty_table(name: str) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from saec.standins import standin
 from saec.tasks.cloud.task import preload_scorer, release_models, score_cloud
 from saec.tasks.edge.task import predict_edge_task
 from saec.tasks.evaluate import RULE_FIELDS, complexity_task, merge_task, quota_task, report_task, route_task
-from saec.tasks.report import RESOURCES, display_rows
+from saec.tasks.report import RESOURCES, display_rows, markdown_table
 from saec.tasks.stage import ModelRef
 from saec.tasks.telemetry import Sampler, summarize
 
@@ -280,8 +280,7 @@ def publish_summary(cfg: PipelineConfig, run: RunFolder, reports: dict[str, Stag
     for name, report in reports.items():
         rows = results_rows(report)
         head = [k for k in rows[0] if k not in (RESOURCES["energy_per_correct_mwh"], RESOURCES["cpu_mem_added_gb"], "measured")]
-        table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        table += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
+        table = markdown_table(head, [[str(r[k]) for k in head] for r in rows])
         parts.append(f"## {name}\n\n" + "\n".join(table) + "\n\n" + embedded_figure(report, "figure", name)
                      + f"\n\nReport: `{report.path('markdown')}` (artifact `{artifact_key(cfg, name, 'report')}`)\n")
     create_markdown_artifact(key=f"summary-{artifact_tag(cfg)}", markdown="\n".join(parts),

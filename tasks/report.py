@@ -99,6 +99,11 @@ def breakdown(decisions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["system", "by", "group", "n", "n_good", "n_defect", "correct", "accuracy"])
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: its heading row, the rule, one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def _breakdown_markdown(table: pd.DataFrame, systems: list[str], labels: dict[str, str]) -> list[str]:
     lines = []
     for by, heading in (("category", "Accuracy by category (%)"), ("defect_type", "Accuracy by defect type (%)")):
@@ -108,12 +113,9 @@ def _breakdown_markdown(table: pd.DataFrame, systems: list[str], labels: dict[st
         acc = part.pivot(index="group", columns="system", values="accuracy").reindex(columns=systems)
         counts = part.drop_duplicates("group").set_index("group")[["n", "n_good", "n_defect"]]
         head = [by, "images (good / defect)"] + [system_name(s, labels) for s in systems]
-        lines += [f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for group, row in acc.iterrows():
-            c = counts.loc[group]
-            cells = [str(group), f"{c.n} ({c.n_good} / {c.n_defect})"] + [display_value(v, pct=True) for v in row]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        cells = [[str(group), f"{counts.loc[group].n} ({counts.loc[group].n_good} / {counts.loc[group].n_defect})"]
+                 + [display_value(v, pct=True) for v in row] for group, row in acc.iterrows()]
+        lines += [f"## {heading}", "", *markdown_table(head, cells), ""]
     return lines
 
 
@@ -153,10 +155,8 @@ def markdown_summary(metrics: pd.DataFrame, title: str, notes: list[str], header
     labels = labels or {}
     lines = [f"# {title}", "", *(header or []), *([""] if header else [])]
     for heading, columns in (("Results", RESULTS), ("Resources", RESOURCES)):
-        lines += [f"## {heading}", "", "| system | " + " | ".join(columns.values()) + " |",
-                  "|" + "---|" * (len(columns) + 1)]
-        lines += ["| " + " | ".join(row.values()) + " |" for row in display_rows(metrics.to_dict("records"), columns, labels)]
-        lines.append("")
+        rows = [list(row.values()) for row in display_rows(metrics.to_dict("records"), columns, labels)]
+        lines += [f"## {heading}", "", *markdown_table(["system", *columns.values()], rows), ""]
     lines += ["Wall time measured; serial s is the sum of the measured stage times of the same run; n/a where "
               "the machine offers no such counter.", ""]  # fmt: skip
     lines += [f"- {n}" for n in notes]

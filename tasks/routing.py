@@ -29,6 +29,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from saec.artifacts.schemas import text_column
+
+
 class RoutingConfig(BaseModel):
     """Seed values of the published SAEC run."""
 
@@ -131,19 +134,13 @@ def decisions_frame(labels: pd.DataFrame, pred, score, system: str, branch, reas
     label = labels.label.to_numpy(dtype=np.int8)
     pred = np.asarray(pred, dtype=np.int8)
 
-    def column(name: str) -> np.ndarray:
-        if name not in labels:
-            return np.full(len(labels), None, dtype=object)
-        values = labels[name]
-        return values.astype(object).where(values.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
-
     return pd.DataFrame(
         {
             "image_id": labels.image_id.to_numpy(),
-            "path": column("path"),
-            "source_path": column("source_path"),
-            "category": column("category"),
-            "defect_type": column("defect_type"),
+            "path": text_column(labels, "path"),
+            "source_path": text_column(labels, "source_path"),
+            "category": text_column(labels, "category"),
+            "defect_type": text_column(labels, "defect_type"),
             "label": label,
             "pred": pred,
             "correct": pred == label,

@@ -101,10 +101,6 @@ class LoadedScorers:
                 self._scorers.popitem(last=False)
             return scorer
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._scorers)
-
     def clear(self) -> None:
         with self._lock:  # waits for a load in progress
             self._scorers.clear()
