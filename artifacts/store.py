@@ -30,6 +30,7 @@ import socket
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from saec.artifacts.hashing import canonical_json, hash_obj, sha256_file
+from saec.artifacts.remote import MIRROR_MARK, ContentCache, ObjectStore, is_url, mirror_of, mirrored_url
 from saec.artifacts.schemas import MEASURED_COLUMNS, SCHEMAS, conform
 from saec.errors import ActionableError
 
@@ -100,11 +102,13 @@ class StageResult(BaseModel):
 
 
 class ModelRef(BaseModel):
-    """A model folder (or weights file) and its content hash."""
+    """A model folder (or weights file) and its content hash; `source` names the stage output it
+    lies in, if any ({stage, key, rel}), so a machine with its own copy of the store finds it there."""
 
     kind: str
     path: str
     sha256: str
+    source: dict[str, str] | None = None
 
 
 class DatasetRef(BaseModel):
@@ -356,8 +360,64 @@ Build = Callable[[Path], tuple[dict[str, Path], dict[str, Any]]]
 
 
 class Store:
+    """A local folder, or an object store (`s3://bucket/prefix`) seen through this machine's mirror
+    folder (`saec.artifacts.remote`). `root` is always the local folder the stages work in;
+    `location` is what the user configured."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+        if is_url(root):
+            self.url: str | None = str(root).rstrip("/")
+            self.root = mirror_of(self.url)
+            if not (self.root / MIRROR_MARK).is_file():
+                try:
+                    write_json_atomic(self.root / MIRROR_MARK, {"url": self.url})
+                except OSError as exc:
+                    raise _describe_os_error(exc, "creating this machine's mirror of the store", self.root) from None
+        else:
+            self.root = Path(root).resolve()
+            self.url = mirrored_url(self.root)  # a mirror folder handed on as a path stays a mirror
+        self.remote = ObjectStore(self.url) if self.url else None
+
+    @property
+    def location(self) -> str:
+        return self.url or str(self.root)
+
+    # files the stages read ----------------------------------------------------------
+    def share_files(self, paths: "pd.Series | list[str]", shas: "pd.Series | list[str]") -> int:
+        """Put source files (images a scan accepted) in the object store under their content hash,
+        for workers on other machines; nothing to do for a local store. Returns how many were sent."""
+        if self.remote is None:
+            return 0
+        return self.remote.put_blobs({sha: Path(p) for p, sha in zip(paths, shas)})
+
+    def readable(self, paths: "pd.Series | list[str]", shas: "pd.Series | list[str]") -> list[str]:
+        """Local files with the content of `paths` (whose sha256 are `shas`), to read: the paths
+        themselves in a local store; from an object store, copies fetched by content into this
+        machine's cache (only the ones asked for, each once), whatever machine the paths name."""
+        if self.remote is None:
+            return [str(p) for p in paths]
+        items = [(str(sha), Path(str(p)).suffix) for p, sha in zip(paths, shas)]
+        return [str(p) for p in ContentCache().fetch(self.remote, items)]
+
+    # small documents (records other machines read) -----------------------------------
+    def write_doc(self, rel: str, obj: Any) -> None:
+        write_json_atomic(self.root / rel, obj)
+        if self.remote is not None:
+            self.remote.write(rel, (self.root / rel).read_bytes())
+
+    def read_doc(self, rel: str) -> Any | None:
+        """A JSON document written with `write_doc` (on any machine), or None."""
+        if self.remote is not None:
+            data = self.remote.read(rel)
+        else:
+            try:
+                data = (self.root / rel).read_bytes()
+            except OSError:
+                data = None
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
 
     # stage outputs --------------------------------------------------------------
     def stage_dir(self, stage: str, key: str) -> Path:
@@ -383,8 +443,29 @@ class Store:
         return record
 
     def lookup(self, stage: str, key: str) -> StageResult | None:
-        """The verified output of (stage, key), or None; a damaged one is reported and not returned."""
+        """The verified output of (stage, key), or None; a damaged one is reported and not returned.
+
+        With an object store, its record there decides: the mirror's copy is used when it is that
+        record's, and fetched from the object store otherwise."""
+        if self.remote is None:
+            return self._lookup_local(stage, key)
+        marker = self.remote.read(self._record_key(stage, key))
+        if marker is None:
+            return None
+        return self._lookup_local(stage, key, marker) or self._pull(stage, key, marker)
+
+    @staticmethod
+    def _record_key(stage: str, key: str) -> str:
+        return f"stages/{stage}/{key}/{STAGE_RECORD}"
+
+    def _lookup_local(self, stage: str, key: str, marker: bytes | None = None) -> StageResult | None:
         folder = self.stage_dir(stage, key)
+        if marker is not None:  # the mirror's copy counts only if it is the published record
+            try:
+                if (folder / STAGE_RECORD).read_bytes() != marker:
+                    return None
+            except OSError:
+                return None
         record = self._read_record(stage, key)
         if record is None:
             return None
@@ -416,7 +497,14 @@ class Store:
                 if not replace and (hit := self.lookup(stage, key)) is not None:
                     return hit, True  # another process built it while this one waited
                 self._clear_leftovers(stage, key)
-                return self._build_locked(stage, key, build, measurements, code), False
+                built = self._build_locked(stage, key, build, measurements, code, replace)
+                if built is None:  # another machine published this key first: its output is the one
+                    marker = self.remote.read(self._record_key(stage, key)) if self.remote else None
+                    if marker is None or (theirs := self._pull_locked(stage, key, marker)) is None:
+                        raise StoreError(f"stage {stage}: the output {key} another machine published in "
+                                         f"{self.location} cannot be read back; run again")  # fmt: skip
+                    return theirs, True
+                return built, False
         except OSError as exc:
             if not _store_problem(exc, self.root):
                 raise  # the stage's own input (a dataset file, a model folder) could not be read
@@ -430,7 +518,9 @@ class Store:
         for p in parent.glob(f".{key}{_DAMAGED}*"):
             shutil.rmtree(p, ignore_errors=True)
 
-    def _build_locked(self, stage: str, key: str, build: Build, measurements: tuple[str, ...], code: str) -> StageResult:
+    def _build_locked(self, stage: str, key: str, build: Build, measurements: tuple[str, ...], code: str,
+                      replace: bool = False) -> StageResult | None:  # fmt: skip
+        """Build and publish (stage, key); None when an object store already holds another build of it."""
         final = self.stage_dir(stage, key)
         tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
@@ -444,6 +534,9 @@ class Store:
             _relocate_json_files(tmp, final)
             record = _record(stage, key, tmp, final, rel, info, measurements, code).model_copy(update={"build_s": build_s})
             write_json_atomic(tmp / STAGE_RECORD, record.model_dump(mode="json"))
+            if self.remote is not None and not self._publish_remote(stage, key, tmp, record, replace):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
             if final.exists() or final.is_symlink():  # damaged, or replaced on purpose: out of the way first
                 aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
                 os.replace(final, aside)
@@ -452,6 +545,69 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return _as_result(record, final)
+
+    def _publish_remote(self, stage: str, key: str, tmp: Path, record: "_Record", replace: bool) -> bool:
+        """Upload a finished build: its files as blobs, then its record (the marker) last. False when
+        the object store holds a record of this key already (and `replace` is not asked)."""
+        assert self.remote is not None
+        files = {e["sha256"]: tmp / rel for rel, e in record.files.items() if "link" not in e}
+        self.remote.put_blobs(files)
+        return self.remote.write(self._record_key(stage, key), (tmp / STAGE_RECORD).read_bytes(), create=not replace)
+
+    def _pull(self, stage: str, key: str, marker: bytes) -> StageResult | None:
+        try:
+            with self._lock(stage, key):
+                return self._lookup_local(stage, key, marker) or self._pull_locked(stage, key, marker)
+        except OSError as exc:
+            raise _describe_os_error(exc, f"fetching stage {stage} from {self.location}", self.root) from None
+
+    def _pull_locked(self, stage: str, key: str, marker: bytes) -> StageResult | None:
+        """Fetch the output a published record describes into the mirror (under the key's lock)."""
+        assert self.remote is not None
+        try:
+            record = _Record.model_validate_json(marker)
+        except ValueError as exc:
+            log.warning("stage %s: the record of %s in %s is unreadable (%s); the output is built again",
+                        stage, key, self.location, exc)  # fmt: skip
+            return None
+        final = self.stage_dir(stage, key)
+        self._clear_leftovers(stage, key)
+        tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            regular = [(rel, e) for rel, e in record.files.items() if "link" not in e]
+            cached = ContentCache().fetch(self.remote, [(e["sha256"], "") for _, e in regular])
+            for (rel, _), src in zip(regular, cached):
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            for rel, e in record.files.items():
+                if "link" in e:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(e["link"], tmp / rel)
+            for ref in record.outputs.values():  # every file is placed: an output still absent is an empty folder
+                out = tmp / Path(ref.path).relative_to(record.dir)
+                if not out.exists() and not out.is_symlink():
+                    out.mkdir(parents=True)
+            write_bytes_atomic(tmp / STAGE_RECORD, marker)
+            _open_modes(tmp)
+            if final.exists() or final.is_symlink():
+                aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
+                os.replace(final, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        problem = _problem(final, record)
+        if problem is not None:
+            log.warning("stage %s: the output %s fetched from %s does not match its record (%s); it is built again",
+                        stage, key, self.location, problem)  # fmt: skip
+            return None
         return _as_result(record, final)
 
     def clear_leftovers(self) -> int:
@@ -469,7 +625,7 @@ class Store:
         return removed
 
     def check_writable(self) -> None:
-        """Fail with a one-line StoreError if nothing can be written to the store."""
+        """Fail with a one-line error if nothing can be written to the store (or its mirror here)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=self.root)
@@ -477,24 +633,42 @@ class Store:
             os.unlink(probe)
         except OSError as exc:
             raise _describe_os_error(exc, "starting a run", self.root) from None
+        if self.remote is not None:
+            probe = f".write-check-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+            self.remote.write(probe, b"")
+            self.remote.delete(probe)
 
     # runs ------------------------------------------------------------------------
     def new_run(self, flow: str) -> "RunFolder":
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{flow}-{uuid.uuid4().hex[:6]}"
-        return RunFolder(self.root / "runs" / run_id, run_id=run_id, flow=flow)
+        return RunFolder(self.root / "runs" / run_id, run_id=run_id, flow=flow, remote=self.remote)
+
+    def _fetch_run(self, run_id: str) -> None:
+        """Bring a run record of the object store into the mirror (where it differs)."""
+        assert self.remote is not None
+        data = self.remote.read(f"runs/{run_id}/{RUN_RECORD}")
+        path = self.root / "runs" / run_id / RUN_RECORD
+        if data is not None and (not path.is_file() or path.read_bytes() != data):
+            write_bytes_atomic(path, data)
 
     def open_run(self, run_id: str) -> "RunFolder":
-        run = RunFolder.open(self.root / "runs" / run_id)
+        if self.remote is not None and "/" not in run_id and run_id not in ("", ".", ".."):
+            self._fetch_run(run_id)
+        run = RunFolder.open(self.root / "runs" / run_id, remote=self.remote)
         if run is None:
-            raise FileNotFoundError(f"no run {run_id!r} in {self.root / 'runs'}")
+            raise FileNotFoundError(f"no run {run_id!r} in {self.location}/runs")
         return run
 
     def runs(self) -> list["RunFolder"]:
+        if self.remote is not None:
+            names = self.remote.list("runs")
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(self._fetch_run, names))
         base = self.root / "runs"
         if not base.exists():
             return []
-        found = [RunFolder.open(p) for p in sorted(base.iterdir()) if (p / RUN_RECORD).exists()]
+        found = [RunFolder.open(p, remote=self.remote) for p in sorted(base.iterdir()) if (p / RUN_RECORD).exists()]
         return [r for r in found if r is not None]
 
     def mark_interrupted(self) -> list[str]:
@@ -560,8 +734,9 @@ def _as_result(record: _Record, folder: Path) -> StageResult:
 class RunFolder:
     """One pipeline run: which stage outputs it used and how each was obtained."""
 
-    def __init__(self, path: Path, run_id: str, flow: str, record: dict | None = None):
+    def __init__(self, path: Path, run_id: str, flow: str, record: dict | None = None, remote: ObjectStore | None = None):
         self.path = path
+        self.remote = remote  # an object store the record is also written to
         self.run_id = run_id
         self.flow = flow
         self.record = record or {
@@ -575,7 +750,7 @@ class RunFolder:
         self._t0 = time.perf_counter()
 
     @classmethod
-    def open(cls, path: Path) -> "RunFolder | None":
+    def open(cls, path: Path, remote: ObjectStore | None = None) -> "RunFolder | None":
         """The run recorded in `path`; None if it holds no record; a run marked `damaged` if the record is broken."""
         try:
             text = (path / RUN_RECORD).read_text(encoding="utf-8")
@@ -590,7 +765,7 @@ class RunFolder:
             return cls._damaged(path, f"{RUN_RECORD} is not valid JSON: {exc}")
         if missing or not isinstance(record.get("stages"), dict):
             return cls._damaged(path, f"{RUN_RECORD} lacks {missing or ['a stages mapping']}")
-        return cls(path, record["run_id"], record["flow"], record)
+        return cls(path, record["run_id"], record["flow"], record, remote=remote)
 
     @classmethod
     def _damaged(cls, path: Path, why: str) -> "RunFolder":
@@ -622,6 +797,50 @@ class RunFolder:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path / RUN_RECORD, self.record)
+        if self.remote is not None:
+            self.remote.write(f"runs/{self.path.name}/{RUN_RECORD}", (self.path / RUN_RECORD).read_bytes())
+
+
+# --------------------------------------------------------------------------- inputs on this machine
+
+
+def with_read_paths(store: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (columns image_id, path), with a `read_path` column naming the files to read on this
+    machine where that is not `path`: with an object store, the copies fetched by content. Tables
+    a stage writes keep `path`; readers take `read_paths(frame)`."""
+    st = Store(store)
+    if st.remote is None or not len(frame):
+        return frame
+    return frame.assign(read_path=st.readable(frame["path"].astype(str), frame["image_id"].astype(str)))
+
+
+def read_paths(frame: pd.DataFrame) -> list[str]:
+    """The files to read for the rows of `frame`: `read_path` where `with_read_paths` set it, else `path`."""
+    return list(frame["read_path" if "read_path" in frame.columns else "path"].astype(str))
+
+
+def readable_jsonl(store: str | Path, path: str | Path, folder: Path) -> Path:
+    """An SFT file (records with `image_id` and `image`) whose images can be read on this machine:
+    the file itself with a local store; with an object store, a copy in `folder` naming the images
+    fetched by content. Lines that are not such records are copied as they are (the reader reports them)."""
+    st = Store(store)
+    if st.remote is None:
+        return Path(path)
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records: dict[int, dict] = {}
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("image_id"), str):
+            records[i] = rec
+    local = st.readable([r["image"] for r in records.values()], [r["image_id"] for r in records.values()])
+    for (i, rec), image in zip(records.items(), local):
+        lines[i] = json.dumps({**rec, "image": image}, ensure_ascii=False)
+    out = folder / f"{Path(path).stem}.here.jsonl"
+    write_bytes_atomic(out, ("\n".join(lines) + "\n").encode())
+    return out
 
 
 def _schema_of(path: Path) -> str | None:
@@ -642,7 +861,10 @@ __all__ = [
     "Store",
     "StoreError",
     "atomic_path",
+    "read_paths",
     "read_table",
+    "readable_jsonl",
+    "with_read_paths",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_table",

@@ -202,7 +202,7 @@ def artifact_tag(cfg: PipelineConfig) -> str:
     """Eight hex digits of the store and the configuration: artifact keys carry it, so that runs on
     another store or with another configuration do not become this one's "latest"."""
     view = cfg.model_dump(mode="json")
-    view["store"] = {"root": str(Path(cfg.store.root).expanduser().resolve())}
+    view["store"] = {"root": cfg.store.location}
     return hash_obj(view)[:8]
 
 
@@ -233,7 +233,7 @@ def results_rows(report: StageResult, explain: bool = True) -> list[dict]:
 
 
 def _provenance(cfg: PipelineConfig, run: RunFolder) -> str:
-    return (f"store {Path(cfg.store.root).expanduser().resolve()}, configuration {artifact_tag(cfg)}, "
+    return (f"store {cfg.store.location}, configuration {artifact_tag(cfg)}, "
             f"run {run.run_id}")
 
 

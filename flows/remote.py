@@ -39,9 +39,8 @@ from saec.env import configure_offline
 
 configure_offline()
 
-from saec.artifacts.store import RunFolder, StageResult  # noqa: E402
+from saec.artifacts.store import ModelRef, RunFolder, StageResult, Store  # noqa: E402
 from saec.config import PipelineConfig, load_config  # noqa: E402
-from saec.artifacts.store import write_json_atomic  # noqa: E402
 from saec.flows.common import cached_result, placed, run_here, run_name  # noqa: E402
 from saec.flows.evaluate import publish_summary  # noqa: E402
 from saec.flows.pipeline import pipeline_flow  # noqa: E402
@@ -114,9 +113,34 @@ def decode_params(task: Task, params: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ the flow a stage worker runs
 
 
-def dispatch_record(store: str | Path, flow_run_id: Any) -> Path:
-    """Where a stage run writes what it did, for the parent that sent it (JSON, read as data)."""
-    return Path(store) / "dispatch" / f"{flow_run_id}.json"
+def dispatch_record(flow_run_id: Any) -> str:
+    """Where in the store a stage run writes what it did, for the parent that sent it (JSON, read as data)."""
+    return f"dispatch/{flow_run_id}.json"
+
+
+def localize(params: dict[str, Any]) -> dict[str, Any]:
+    """A stage's parameters with the stage outputs and models they reference in this machine's
+    copy of the store: from an object store, each is fetched here by its stage and cache key
+    (the paths the sender saw are its own). With a local store nothing changes."""
+    store = Store(params["store"])
+    if store.remote is None:
+        return params
+
+    def here(value: Any) -> Any:
+        if isinstance(value, StageResult):
+            found = store.lookup(value.stage, value.key)
+            if found is None:
+                raise RemoteStageError(f"input {value.stage}/{value.key} is not in the artifact store {store.location}: "
+                                       "the run that sent this stage must publish it there first; run it again")  # fmt: skip
+            return found
+        if isinstance(value, ModelRef) and value.source is not None:
+            found = here(StageResult(stage=value.source["stage"], key=value.source["key"], dir=""))
+            return value.model_copy(update={"path": str(Path(found.dir) / value.source["rel"])})
+        if isinstance(value, list):
+            return [here(v) for v in value]
+        return value
+
+    return {k: here(v) for k, v in params.items()}
 
 
 @flow(name="run-stage", log_prints=True)
@@ -127,10 +151,10 @@ def run_stage_flow(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     if stage not in STAGE_TASKS:
         raise ValueError(f"unknown stage {stage!r}; this flow runs {sorted(STAGE_TASKS)}")
     task = STAGE_TASKS[stage]
-    typed = decode_params(task, params)
+    typed = localize(decode_params(task, params))
     result, cached = run_here(task, typed)
     done = {"stage": stage, "key": result.key, "code": result.code, "cached": cached, "host": socket.gethostname()}
-    write_json_atomic(dispatch_record(typed["store"], flow_run.id), done)
+    Store(typed["store"]).write_doc(dispatch_record(flow_run.id), done)
     return done
 
 
@@ -233,14 +257,13 @@ class RemoteStages:
             raise RemoteStageError(f"stage {task.name!r} on {deployment}: flow run {run.name} ({run.id}) ended {state.name}: {state.message}")
         decl = stage_of(task)
         key = decl.key(params)
-        try:
-            out = json.loads(dispatch_record(params["store"], run.id).read_text())
-        except (OSError, ValueError):
+        out = Store(params["store"]).read_doc(dispatch_record(run.id))
+        if out is None:
             raise RemoteStageError(
                 f"stage {task.name!r} completed as flow run {run.name}, but its record is not in the artifact store "
-                f"{params['store']} as this machine ({socket.gethostname()}) sees it: store.root must be one shared "
-                "path on every machine"
-            ) from None
+                f"{params['store']} as this machine ({socket.gethostname()}) sees it: store.root must be one object "
+                "store URL, or one shared path, on every machine"
+            )
         result = decl.lookup(params["store"], params)
         if result is None:
             if out.get("key") != key:
@@ -262,7 +285,7 @@ class RemoteStages:
 def entry_config(config: str | None, overrides: list[str] | None) -> PipelineConfig:
     """The configuration of a deployed run: validated before any work, with the store as an absolute path."""
     cfg = load_config(config, overrides)  # ConfigError names the field and the fix
-    return cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": cfg.store.root.resolve()})})
+    return cfg.model_copy(update={"store": cfg.store.resolved()})
 
 
 def run_summary(run: RunFolder, **extra: Any) -> dict[str, Any]:

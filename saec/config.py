@@ -295,7 +295,40 @@ class PretrainConfig(BaseModel):
 
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    root: Path = Field(Path("artifacts/store"), description="artifact store folder (git-ignored)")
+    root: Path | str = Field(Path("artifacts/store"), description="artifact store: a folder (git-ignored), or an "
+                             "object store URL such as s3://bucket/prefix (credentials from the environment)")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root(cls, value: Any) -> Path | str:
+        from saec.artifacts.remote import is_url
+
+        if not is_url(value):
+            return Path(value)
+        url = str(value).rstrip("/")
+        protocol = url.split("://", 1)[0].lower()
+        if not url.split("://", 1)[1].strip("/"):
+            raise ValueError(f"{url!r} names no bucket: use s3://bucket or s3://bucket/prefix")
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise ValueError(f"{url!r} needs the {protocol}:// client, which is not installed ({exc}): "
+                             "pip install 'saec[s3]'") from None  # fmt: skip
+        except ValueError:
+            raise ValueError(f"{url!r}: {protocol}:// is not a storage scheme this installation knows; "
+                             "use a folder or an s3://bucket/prefix URL") from None  # fmt: skip
+        return url
+
+    @property
+    def location(self) -> str:
+        """The store as one string: the URL, or the folder's absolute path."""
+        return self.root if isinstance(self.root, str) else str(Path(self.root).expanduser().resolve())
+
+    def resolved(self) -> "StoreConfig":
+        """This configuration with a folder given as its absolute path (a URL as it is)."""
+        return self if isinstance(self.root, str) else self.model_copy(update={"root": Path(self.location)})
 
 
 class PipelineConfig(BaseModel):

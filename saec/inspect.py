@@ -52,7 +52,7 @@ def resolve_run(store_root: str | Path, ref: str) -> RunFolder:
     """A run by id, by a unique part of its id, or `latest` / `latest:<flow>`."""
     runs = Store(store_root).runs()
     if not runs:
-        raise LookupError(f"no runs in {Path(store_root).resolve() / 'runs'}")
+        raise LookupError(f"no runs in {Store(store_root).location}/runs")
     if ref == "latest" or ref.startswith("latest:"):
         flow = ref.partition(":")[2] or None
         pick = [r for r in runs if flow is None or r.flow == flow]
@@ -259,7 +259,7 @@ STATE_COLOURS = {"state": {"ran": "cyan", "cached": "green"}, "status": {"comple
 
 def print_runs(store_root: Path, flow: str | None = None) -> None:
     frame = runs_frame(store_root, flow)
-    print_frame(frame.drop(columns=["error"]), str(Path(store_root).resolve()), STATE_COLOURS)
+    print_frame(frame.drop(columns=["error"]), Store(store_root).location, STATE_COLOURS)
     for r in frame[frame.error.notna()].itertuples():
         console.print(f"[red]{r.run}[/red]: {r.error}")
 

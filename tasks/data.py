@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saec.artifacts.hashing import hash_followed_tree, sha256_file
-from saec.artifacts.store import StageResult, published_path, write_json_atomic, write_table
+from saec.artifacts.store import StageResult, Store, published_path, write_json_atomic, write_table
 from saec.datasets.images import DEFAULT_MAX_PIXELS
 from saec.datasets.ksdd2 import read_ksdd2
 from saec.datasets.mvtec import read_mvtec
@@ -207,22 +207,24 @@ def verify_holdout_files(holdout: StageResult, train_ids: set[str]) -> dict:
 # --------------------------------------------------------------------------- stages
 
 
-def _scan_outputs(result, out_dir: Path) -> Built:
+def _scan_outputs(result, out_dir: Path, store: str) -> Built:
+    # with an object store, the accepted images go there by content: workers elsewhere read them from it
+    Store(store).share_files(result.images["path"], result.images["image_id"])
     images = write_table(result.images, "source_images", out_dir / "images.parquet")
     quarantine = write_table(result.quarantine, "quarantine", out_dir / "quarantine.parquet")
     return {"images": Path(images.path), "quarantine": Path(quarantine.path)}, {"counts": result.counts()}
 
 
 @stage("scan_mvtec", task="scan-mvtec")
-def scan_mvtec(out: Path, source: DatasetRef, cfg: ScanConfig) -> Built:
+def scan_mvtec(out: Path, store: str, source: DatasetRef, cfg: ScanConfig) -> Built:
     """Read and validate every file of an MVTec AD folder."""
-    return _scan_outputs(read_mvtec(source.path, cfg.max_pixels, progress=True), out)
+    return _scan_outputs(read_mvtec(source.path, cfg.max_pixels, progress=True), out, store)
 
 
 @stage("scan_ksdd2", task="scan-ksdd2")
-def scan_ksdd2(out: Path, source: DatasetRef, cfg: ScanConfig) -> Built:
+def scan_ksdd2(out: Path, store: str, source: DatasetRef, cfg: ScanConfig) -> Built:
     """Read and validate every file of a KolektorSDD2 folder; masks decide labels."""
-    return _scan_outputs(read_ksdd2(source.path, cfg.max_pixels, progress=True), out)
+    return _scan_outputs(read_ksdd2(source.path, cfg.max_pixels, progress=True), out, store)
 
 
 def _manifest_outputs(manifest: pd.DataFrame, info: dict, out_dir: Path, extra: dict | None = None) -> Built:

@@ -467,12 +467,13 @@ class VLMScorer:
         import pandas as pd
 
         from saec.artifacts.schemas import source_paths
-        from saec.artifacts.store import write_table
+        from saec.artifacts.store import read_paths, write_table
 
         missing = [c for c in ("image_id", "path") if c not in manifest.columns]
         if missing:
             raise ValueError(f"manifest lacks columns {missing}")
         n = len(manifest)
+        read = read_paths(manifest)  # where this machine reads each file (`path` is what the table records)
         tta = np.full(n, self.cfg.tta, dtype=object)
         if self.cfg.tta != "none" and self.cfg.tta_categories is not None:
             listed = (manifest["category"].isin(self.cfg.tta_categories).to_numpy()
@@ -481,7 +482,7 @@ class VLMScorer:
         scores, seconds = {}, 0.0
         for kind in dict.fromkeys(tta):  # each augmentation in one call, rows in manifest order
             rows = np.flatnonzero(tta == kind)
-            part = self.score(manifest["path"].iloc[rows].tolist(), tta=kind)
+            part = self.score([read[i] for i in rows], tta=kind)
             seconds += self.last_run["seconds"]
             for key, values in part.items():
                 if key not in scores:

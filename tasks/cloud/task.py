@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from saec.artifacts.hashing import hash_followed_tree
-from saec.artifacts.store import StageResult, write_json_atomic
+from saec.artifacts.store import StageResult, readable_jsonl, with_read_paths, write_json_atomic
 from saec.env import pin_torch_threads
 from saec.tasks.cloud.config import CloudScoreConfig, CloudTrainConfig, TinyModelConfig
 from saec.tasks.stage import Built, ModelRef, stage
@@ -29,7 +29,8 @@ def model_ref(path: str | Path, kind: str = "vlm") -> ModelRef:
 
 
 def model_of(built: StageResult) -> ModelRef:
-    return ModelRef(kind=built.stage, path=str(Path(built.dir) / "model"), sha256=built.digest())
+    return ModelRef(kind=built.stage, path=str(Path(built.dir) / "model"), sha256=built.digest(),
+                    source={"stage": built.stage, "key": built.key, "rel": "model"})  # fmt: skip
 
 
 @stage("tiny_vlm", task="build-tiny-vlm")
@@ -51,13 +52,14 @@ def tiny_llava_task(out: Path, seed: int) -> Built:
 
 
 @stage("train_cloud", task="train-cloud", work_dir=True, measurements=("train_log", "summary"))
-def train_cloud(out: Path, work: Path, sft: StageResult, base: ModelRef, cfg: CloudTrainConfig) -> Built:
+def train_cloud(out: Path, work: Path, store: str, sft: StageResult, base: ModelRef, cfg: CloudTrainConfig) -> Built:
     """QLoRA fine-tuning on the SFT split; resumes from its last checkpoint after an interruption."""
     from saec.tasks.cloud.train import train_vlm
 
     pin_torch_threads()
     run_cfg = cfg.model_copy(update={"model": base.path})
-    info = train_vlm(run_cfg, sft.path("train_jsonl"), sft.path("val_jsonl"), work, out)
+    train, val = (readable_jsonl(store, sft.path(name), work) for name in ("train_jsonl", "val_jsonl"))
+    info = train_vlm(run_cfg, train, val, work, out)
     log = out / "train_log.parquet"
     files = {"train_log": log} if log.exists() else {}
     files["summary"] = write_json_atomic(out / "train_summary.json", info)
@@ -74,7 +76,8 @@ def adapter_ref(trained: StageResult | None = None, path: str | None = None) -> 
     adapter = Path(trained.dir) / "adapter"
     if not adapter.exists():
         raise FileNotFoundError(f"training output {trained.dir} holds no adapter/ folder")
-    return ModelRef(kind="adapter", path=str(adapter), sha256=trained.digest())
+    return ModelRef(kind="adapter", path=str(adapter), sha256=trained.digest(),
+                    source={"stage": trained.stage, "key": trained.key, "rel": "adapter"})  # fmt: skip
 
 
 class LoadedScorers:
@@ -166,6 +169,7 @@ def preload_scorer(cfg: CloudScoreConfig, model: ModelRef, adapter: ModelRef | N
 @stage("score_cloud", task="score-cloud", observe=("telemetry", "label"))
 def score_cloud(
     out: Path,
+    store: str,
     images: StageResult,
     table: str,
     model: ModelRef,
@@ -175,7 +179,7 @@ def score_cloud(
     label: str = "",
 ) -> Built:
     """P(defect) for every image of `images.table(table)`, measured (wall time, telemetry)."""
-    manifest = images.table(table)
+    manifest = with_read_paths(store, images.table(table))
     run_cfg = cfg.model_copy(update={"model": model.path, "adapter": adapter.path if adapter else None})
 
     def compute():  # no model is loaded when nothing was routed here

@@ -15,7 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from saec.artifacts.schemas import source_paths
-from saec.artifacts.store import write_table
+from saec.artifacts.store import read_paths, write_table
 from saec.tasks.edge.config import EdgeConfig, Thresholds
 from saec.tasks.edge.measures import rule_verdict, softmax_measures, thresholds_from_measures
 from saec.tasks.edge.model import EdgeModel, EdgeModelError, LoadedModel
@@ -173,7 +173,7 @@ def calibrate_thresholds(
     `good` is a manifest (column `path`) or a list of paths of good images. Thresholds the
     config sets explicitly are kept; only the ones set to None are calibrated.
     """
-    paths = list(good["path"]) if isinstance(good, pd.DataFrame) else [str(p) for p in good]
+    paths = read_paths(good) if isinstance(good, pd.DataFrame) else [str(p) for p in good]
     if not paths:
         raise ValueError("calibrate_thresholds needs at least one train/good image")
     model = resolve_model(cfg, weights)
@@ -209,7 +209,7 @@ def predict_edge(
                 "train/good images first and pass its result as `thresholds`"
             )
     model = resolve_model(cfg, weights)
-    df, info = run_edge(cfg, list(manifest["path"].astype(str)), cache_dir, model=model, calibration=int8_calibration)
+    df, info = run_edge(cfg, read_paths(manifest), cache_dir, model=model, calibration=int8_calibration)
     if cfg.mode == "imagenet_rule":
         verdict = rule_verdict(df.smax.to_numpy(), df.margin.to_numpy(), df.entropy.to_numpy(), thresholds)
     else:
