@@ -20,7 +20,6 @@ sent anywhere; only stages that must compute are dispatched.
 from __future__ import annotations
 
 import contextvars
-import json
 import socket
 import time
 import typing
