@@ -75,8 +75,13 @@ def mirrored_url(folder: Path) -> str | None:
         return None
 
 
+def _client_settings() -> tuple[tuple[str, str], ...]:
+    """The environment the object store clients read (credentials, endpoint): one client per setting."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))))
+
+
 @lru_cache(maxsize=None)
-def _filesystem(url: str):
+def _filesystem(url: str, settings: tuple[tuple[str, str], ...] = ()):
     import fsspec
 
     protocol = url.split("://", 1)[0].lower()
@@ -96,7 +101,7 @@ class ObjectStore:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.base = _filesystem(self.url)
+        self.fs, self.base = _filesystem(self.url, _client_settings())
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"

@@ -305,9 +305,10 @@ class StoreConfig(BaseModel):
 
         if not is_url(value):
             return Path(value)
-        url = str(value).rstrip("/")
-        protocol = url.split("://", 1)[0].lower()
-        if not url.split("://", 1)[1].strip("/"):
+        protocol, _, rest = str(value).partition("://")
+        url = f"{protocol}://{rest.rstrip('/')}"
+        protocol = protocol.lower()
+        if not rest.strip("/"):
             raise ValueError(f"{url!r} names no bucket: use s3://bucket or s3://bucket/prefix")
         import fsspec
 

@@ -1,0 +1,180 @@
+"""The artifact store on object storage, against a real S3 API server (moto's, in its own process).
+
+"Machines" here are processes' views with their own SAEC_HOME (each its own mirror and content
+cache); what they share is the bucket.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from servers import S3Server
+
+from saec.artifacts.hashing import sha256_file
+from saec.artifacts.remote import ObjectStoreError
+from saec.artifacts.store import Store, read_paths, with_read_paths, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with S3Server(log=tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, request):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return f"s3://{s3.bucket}/{request.node.name[:40]}"
+
+
+def as_machine(monkeypatch, home: Path) -> None:
+    monkeypatch.setenv("SAEC_HOME", str(home))
+
+
+def _build(text: str):
+    def build(out: Path):
+        (out / "table").mkdir()
+        ref = write_table(pd.DataFrame({"image_id": ["a"], "path": ["/x/a.png"], "source_path": ["/x/a.png"],
+                                        "label": [1], "category": ["c"], "defect_type": ["d"], "split": ["holdout"],
+                                        "width": [1], "height": [1], "mode": ["L"]}), "manifest", out / "table" / "m.parquet")  # fmt: skip
+        (out / "note.txt").write_text(text)
+        (out / "empty").mkdir()
+        os.symlink("/nowhere/on/this/machine.png", out / "table" / "link.png")
+        return {"table": out / "table", "note": out / "note.txt", "manifest": Path(ref.path), "empty": out / "empty"}, {"text": text}
+
+    return build
+
+
+def test_an_output_built_on_one_machine_is_read_on_another_and_the_record_is_the_marker(bucket, tmp_path, monkeypatch):
+    as_machine(monkeypatch, tmp_path / "a")
+    a = Store(bucket)
+    assert a.root.is_relative_to(tmp_path / "a") and a.location == bucket
+    built, reused = a.get_or_build("demo", "k1", _build("first"))
+    assert not reused and Path(built.outputs["note"].path).is_relative_to(tmp_path / "a")
+
+    as_machine(monkeypatch, tmp_path / "b")
+    b = Store(bucket)
+    got = b.lookup("demo", "k1")
+    assert got is not None and got.digest() == built.digest() and got.info == {"text": "first"}
+    assert Path(got.outputs["note"].path).read_text() == "first"
+    assert Path(got.outputs["note"].path).is_relative_to(tmp_path / "b")  # its own copy, not a's files
+    assert Path(got.outputs["empty"].path).is_dir()
+    assert os.readlink(Path(got.outputs["table"].path) / "link.png") == "/nowhere/on/this/machine.png"
+    assert pd.read_parquet(got.outputs["manifest"].path).image_id.tolist() == ["a"]
+    # a mirror handed on as a folder path is still the object store
+    assert Store(str(b.root)).location == bucket
+
+    # no record in the object store, no output: the blobs alone are not one
+    b.remote.delete("stages/demo/k1/_stage.json")
+    assert Store(bucket).lookup("demo", "k1") is None
+    as_machine(monkeypatch, tmp_path / "a")
+    assert Store(bucket).lookup("demo", "k1") is None  # a's mirror still has it, but it was not published
+
+
+def test_the_first_build_of_a_key_to_publish_wins_on_every_machine(bucket, tmp_path, monkeypatch):
+    as_machine(monkeypatch, tmp_path / "a")
+    a = Store(bucket)
+    first, _ = a.get_or_build("demo", "k2", _build("from a"))
+    as_machine(monkeypatch, tmp_path / "b")
+    b = Store(bucket)
+    # b built the same key at the same time and comes to publish second: it takes a's output
+    with b._lock("demo", "k2"):
+        lost = b._build_locked("demo", "k2", _build("from b"), (), "")
+    assert lost is None
+    got, reused = b.get_or_build("demo", "k2", _build("from b"))
+    assert reused and Path(got.outputs["note"].path).read_text() == "from a"
+    assert not list((b.root / "stages" / "demo").glob(".k2.building-*"))  # its own build was removed
+
+
+def test_a_failed_build_publishes_nothing(bucket, tmp_path, monkeypatch):
+    as_machine(monkeypatch, tmp_path / "a")
+    a = Store(bucket)
+
+    def broken(out: Path):
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        a.get_or_build("demo", "k3", broken)
+    assert a.remote.read("stages/demo/k3/_stage.json") is None
+    assert a.lookup("demo", "k3") is None
+
+
+def test_an_altered_blob_is_refused_with_a_one_line_reason(bucket, tmp_path, monkeypatch):
+    as_machine(monkeypatch, tmp_path / "a")
+    built, _ = Store(bucket).get_or_build("demo", "k4", _build("kept"))
+    sha = sha256_file(built.outputs["note"].path)
+    Store(bucket).remote.write(f"blobs/{sha}", b"tampered")
+    as_machine(monkeypatch, tmp_path / "b")
+    with pytest.raises(ObjectStoreError, match="other content") as err:
+        Store(bucket).lookup("demo", "k4")
+    assert "\n" not in str(err.value)
+
+
+def test_a_worker_fetches_only_the_images_of_its_rows_by_content(bucket, tmp_path, monkeypatch):
+    src = tmp_path / "dataset"
+    src.mkdir()
+    paths = []
+    for i in range(4):
+        p = src / f"img{i}.png"
+        p.write_bytes(f"image {i}".encode())
+        paths.append(str(p))
+    frame = pd.DataFrame({"image_id": [sha256_file(p) for p in paths], "path": paths})
+    as_machine(monkeypatch, tmp_path / "a")
+    assert Store(bucket).share_files(frame.path, frame.image_id) == 4
+    assert Store(bucket).share_files(frame.path, frame.image_id) == 0  # already there
+
+    as_machine(monkeypatch, tmp_path / "b")
+    mine = with_read_paths(bucket, frame.iloc[[1, 3]])
+    local = read_paths(mine)
+    assert [Path(p).read_bytes() for p in local] == [b"image 1", b"image 3"]
+    assert all(Path(p).is_relative_to(tmp_path / "b") and p.endswith(".png") for p in local)
+    assert len(list((tmp_path / "b" / "blobs").rglob("*.png"))) == 2  # only the rows asked for
+    assert mine.path.tolist() == [paths[1], paths[3]]  # what tables record is unchanged
+
+    missing = pd.DataFrame({"image_id": ["0" * 64], "path": ["/gone.png"]})
+    with pytest.raises(ObjectStoreError, match="lacks 1 file"):
+        with_read_paths(bucket, missing)
+
+
+def test_run_records_and_dispatch_notes_are_shared(bucket, tmp_path, monkeypatch):
+    as_machine(monkeypatch, tmp_path / "a")
+    run = Store(bucket).new_run("pipeline")
+    run.record["stages"]["x"] = {"state": "ran"}
+    run.save()
+    Store(bucket).write_doc("dispatch/abc.json", {"key": "k"})
+    as_machine(monkeypatch, tmp_path / "b")
+    b = Store(bucket)
+    assert [r.run_id for r in b.runs()] == [run.run_id]
+    assert b.open_run(run.run_id).record["stages"] == {"x": {"state": "ran"}}
+    assert b.read_doc("dispatch/abc.json") == {"key": "k"}
+    assert b.read_doc("dispatch/other.json") is None
+
+
+def test_the_configuration_keeps_an_object_store_url_and_refuses_bad_ones(bucket):
+    from saec.config import ConfigError, load_config
+
+    cfg = load_config(None, [f"store.root={bucket}/"])
+    assert cfg.store.root == bucket and cfg.store.location == bucket
+    assert cfg.store.resolved().root == bucket
+    with pytest.raises(ConfigError, match="names no bucket"):
+        load_config(None, ["store.root=s3://"])
+    with pytest.raises(ConfigError, match="not a storage scheme"):
+        load_config(None, ["store.root=nosuchscheme://bucket/x"])
+
+
+def test_a_store_it_cannot_write_fails_before_work_with_the_fix(s3, tmp_path):
+    env = {**os.environ, **s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong", "SAEC_HOME": str(tmp_path / "h")}
+    code = "from saec.artifacts.store import Store; Store('s3://no-such-bucket-here/x').check_writable()"
+    done = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ObjectStoreError" in last and "s3://no-such-bucket-here/x" in last and "AWS_ACCESS_KEY_ID" in last
