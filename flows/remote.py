@@ -152,7 +152,9 @@ def run_stage_flow(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     task = STAGE_TASKS[stage]
     typed = localize(decode_params(task, params))
     result, cached = run_here(task, typed)
-    done = {"stage": stage, "key": result.key, "code": result.code, "cached": cached, "host": socket.gethostname()}
+    # `mirror`: where this machine keeps its copy of the store, which tells machines on one host apart
+    done = {"stage": stage, "key": result.key, "code": result.code, "cached": cached, "host": socket.gethostname(),
+            "mirror": str(Store(typed["store"]).root)}  # fmt: skip
     Store(typed["store"]).write_doc(dispatch_record(flow_run.id), done)
     return done
 
@@ -274,7 +276,7 @@ class RemoteStages:
             raise RemoteStageError(f"stage {task.name!r} ran on {out.get('host')}, but its output {key} is missing "
                                    f"or damaged in {params['store']} as this machine sees it")  # fmt: skip
         self.dispatched.append({"stage": task.name, "deployment": deployment, "flow_run": str(run.id), "host": out["host"],
-                                "cached": bool(out["cached"])})  # fmt: skip
+                                "mirror": out.get("mirror"), "cached": bool(out["cached"]), "label": label})  # fmt: skip
         return result, bool(out["cached"])
 
 

@@ -43,6 +43,12 @@ def _load(config: Path | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def _start(cfg) -> None:
     """Before a flow runs: a writable store, and Prefect's local server started (one process at a time)."""
     from saec.artifacts.store import Store
@@ -204,6 +210,11 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     operating_point: Annotated[Optional[str], typer.Option(help="SWEEP.parquet:POINT from `saec sweep`")] = None,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="send the edge and cloud stages to workers of the edge and cloud work pools (needs "
+        "PREFECT_API_URL, the deployments applied, and a store.root every machine reaches, e.g. s3://bucket/prefix)")] = False,
+    edge_shards: Annotated[int, typer.Option(min=1, help="with --distributed: edge classification as this many "
+                                             "stage runs, spread over the edge workers")] = 1,
 ) -> None:
     """The whole pipeline on the configured data (by default the embedded synthetic data)."""
     overrides = list(set_ or [])
@@ -218,11 +229,22 @@ def run(
             raise typer.Exit(2)
         overrides = operating_point_overrides(pd.read_parquet(path), int(point)) + overrides
     cfg = _load(config, overrides)
+    if distributed and not _api_url():
+        console.print("[red]error:[/red] --distributed sends stages to work pools on a Prefect server: set PREFECT_API_URL "
+                      "to it (see deployments/README.md)", soft_wrap=True, highlight=False)  # fmt: skip
+        raise typer.Exit(2)
     _start(cfg)
     from saec.flows.pipeline import pipeline_flow
+    from saec.flows.remote import RemoteConfig, run_summary, stage_placement
 
     t0 = time.perf_counter()
-    out = pipeline_flow(cfg)
+    with stage_placement(cfg, distributed, RemoteConfig(edge_shards=edge_shards)) as stages:
+        out = pipeline_flow(cfg)
+    if stages:  # which stage ran where, in the run record
+        run_summary(out["run"], dispatched=stages.dispatched)
+    for sent in stages.dispatched if stages else []:
+        console.print(f"  sent {sent['stage']} to {sent['deployment']}: flow run {sent['flow_run']} "
+                      f"({'cached' if sent['cached'] else 'ran'} on {sent['host']})", highlight=False)  # fmt: skip
     _report_prepare(out)
     for name, report in out["reports"].items():
         console.print(_results_table(name, report))
