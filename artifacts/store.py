@@ -774,7 +774,8 @@ class RunFolder:
 
     def add_stage(self, result: StageResult, state: str, name: str | None = None, seconds: float | None = None) -> None:
         """Record a stage of this run: built here ("ran") or taken from the store ("cached"), with the
-        seconds this run spent on it (None where the run did not time it alone) and the build's time."""
+        seconds this run spent on it (None where the run did not time it alone) and the build's time.
+        A stage run as shards is "partly cached" where some shards were built and others taken."""
         self.record["stages"][name or result.stage] = {
             "state": state,
             "seconds": None if seconds is None else round(seconds, 3),

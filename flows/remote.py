@@ -68,6 +68,8 @@ class RemoteConfig(BaseModel):
     poll_interval_s: float = Field(2.0, gt=0, description="how often the parent asks for a stage run's state")
     start_timeout_s: float = Field(600.0, gt=0, description="fail if no worker picks a stage run up within this")
     timeout_s: float | None = Field(None, gt=0, description="fail if a stage run takes longer (None: no limit)")
+    edge_shards: int = Field(1, ge=1, description="edge prediction runs as this many shards, side by side on the edge "
+                             "pool's workers, merged in the parent (training is not sharded)")
 
     @model_validator(mode="after")
     def _check(self) -> "RemoteConfig":
@@ -196,11 +198,17 @@ class RemoteStages:
     def __init__(self, cfg: RemoteConfig, max_parallel: int = 4):
         self.cfg = cfg
         self.where = {n: cfg.edge_deployment for n in cfg.edge_stages} | {n: cfg.cloud_deployment for n in cfg.cloud_stages}
-        self._threads = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="saec-remote")
+        # every edge shard waits on its own stage run, beside SAEC's two cloud stages
+        workers = max(max_parallel, cfg.edge_shards + 2)
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="saec-remote")
         self.dispatched: list[dict[str, Any]] = []  # stage, deployment, flow run, host of every stage sent
 
     def owns(self, task: Task) -> bool:
         return task.name in self.where
+
+    def shards(self, task: Task) -> int:
+        """How many shards a stage runs as: `edge_shards` for edge prediction, 1 for any other stage."""
+        return self.cfg.edge_shards if task.name == predict_edge_task.name else 1
 
     def run(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
         if (hit := cached_result(task, params)) is not None:

@@ -22,6 +22,12 @@ That declaration is the only place the stage is named. From it come:
   which returns the `StageResult` and ends in a Completed state named "Cached" on a hit.
 
 Tasks take and return small references (`DatasetRef`, `ModelRef`, `StageResult`), never data.
+
+A stage that takes a `shard: Shard | None` parameter can run as several shards, each a stage
+run of its own (keyed by its shard like any parameter) over a contiguous part of its input
+table, where a placement asks for that (`saec.flows.common`). Its merge stage, declared with
+`merges=<its task name>`, takes the shards' outputs in order (`parts`) and writes the outputs
+the stage writes unsharded.
 """
 from __future__ import annotations
 
@@ -35,18 +41,52 @@ from typing import Any, Callable
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from saec.artifacts.code import code_identity
 from saec.artifacts.hashing import hash_obj
 from saec.artifacts.store import DatasetRef, ModelRef, StageResult, Store
 
 Built = tuple[dict[str, Path], dict[str, Any]]
-__all__ = ["Built", "DatasetRef", "ModelRef", "STAGES", "Stage", "keyable", "stage", "stage_of"]
+__all__ = ["Built", "DatasetRef", "ModelRef", "STAGES", "Shard", "Stage", "keyable", "stage", "stage_of"]
 
 # Libraries whose version can change what a stage computes; every key holds their versions.
 LIBRARIES = ("numpy", "pandas", "pyarrow", "pillow", "opencv-python", "opencv-python-headless", "torch", "torchvision",
              "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "ultralytics", "onnx", "onnxruntime")  # fmt: skip
+
+
+class Shard(BaseModel):
+    """Shard `index` (from 0) of `count`: one contiguous part of a stage's input table, in its order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Shard":
+        if self.index >= self.count:
+            raise ValueError(f"shard index {self.index} is not below the shard count {self.count}")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How run records and labels name it: "1of2" is the first of two."""
+        return f"{self.index + 1}of{self.count}"
+
+    def bounds(self, rows: int, block: int = 1) -> tuple[int, int]:
+        """(start, stop) of this shard's rows in a table of `rows` rows.
+
+        The table is cut, in its order, into blocks of `block` rows (the last may be shorter),
+        and the blocks are dealt out in contiguous runs, the first `blocks % count` shards
+        taking one block more. It depends on the row count only: every machine cuts alike.
+        """
+        if block < 1:
+            raise ValueError(f"shard block size must be at least 1, got {block}")
+        blocks = -(-rows // block)
+        per, extra = divmod(blocks, self.count)
+        first = self.index * per + min(self.index, extra)
+        last = first + per + (1 if self.index < extra else 0)
+        return min(first * block, rows), min(last * block, rows)
 
 
 def keyable(value: Any) -> Any:
@@ -88,7 +128,8 @@ class Stage:
     """One stage's declaration: its name, the function that builds it, what is not keyed."""
 
     def __init__(self, name: str, fn: Callable[..., Built], *, task: str, work_dir: bool = False,
-                 observe: tuple[str, ...] = (), measurements: tuple[str, ...] = ("telemetry",), retries: int = 0):  # fmt: skip
+                 observe: tuple[str, ...] = (), measurements: tuple[str, ...] = ("telemetry",), retries: int = 0,
+                 merges: str | None = None):  # fmt: skip
         self.name = name
         self.fn = fn
         self.work_dir = work_dir
@@ -99,10 +140,24 @@ class Stage:
         listed = list(sig.parameters.values())[skip:]
         self.wants_store = any(p.name == "store" for p in listed)  # a stage may keep a cache in the store
         self.params = [p for p in listed if p.name != "store"]
+        self.merged_by: Stage | None = None  # the stage that merges this one's shards, if it can be sharded
         self.task = self._make_task(task, retries)
+        if merges is not None:
+            self._merge(merges)
 
     def __repr__(self) -> str:
         return f"Stage({self.name!r}, task={self.task.name!r})"
+
+    def _merge(self, task: str) -> None:
+        """Declare this stage the merge of stage task `task`'s shards."""
+        target = STAGES.get(task)
+        if target is None:
+            raise ValueError(f"stage {self.name!r} merges the shards of {task!r}, which is not declared (yet)")
+        if "shard" not in {p.name for p in target.params}:
+            raise ValueError(f"stage {target.name!r} takes no `shard` parameter: it cannot be sharded")
+        if "parts" not in {p.name for p in self.params}:
+            raise ValueError(f"stage {self.name!r} merges shards, so it takes their outputs as `parts`")
+        target.merged_by = self
 
     @cached_property
     def code(self) -> str:
@@ -166,16 +221,20 @@ class Stage:
 
 
 def stage(name: str, *, task: str, work_dir: bool = False, observe: tuple[str, ...] = (),
-          measurements: tuple[str, ...] = ("telemetry",), retries: int = 0) -> Callable[[Callable[..., Built]], Task]:  # fmt: skip
+          measurements: tuple[str, ...] = ("telemetry",), retries: int = 0,
+          merges: str | None = None) -> Callable[[Callable[..., Built]], Task]:  # fmt: skip
     """Declare a cached stage; the decorated function becomes its Prefect task (see the module docstring).
 
     `work_dir`: the function also gets a folder that survives a failed or interrupted build
     (checkpoints live there, so a re-run resumes). `measurements`: outputs that record how the
-    run went (telemetry samples, timings) and are not part of the output's identity.
+    run went (telemetry samples, timings) and are not part of the output's identity. `merges`:
+    the task name of a stage declared before, with a `shard` parameter, whose shards this stage
+    merges (it takes them as `parts`, in shard order).
     """
 
     def declare(fn: Callable[..., Built]) -> Task:
-        return Stage(name, fn, task=task, work_dir=work_dir, observe=observe, measurements=measurements, retries=retries).task
+        return Stage(name, fn, task=task, work_dir=work_dir, observe=observe, measurements=measurements, retries=retries,
+                     merges=merges).task  # fmt: skip
 
     return declare
 

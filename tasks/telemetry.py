@@ -176,6 +176,63 @@ def summarize(samples: pd.DataFrame, sources: list[str]) -> dict:
     return out
 
 
+def combine_summaries(parts: list[dict]) -> dict:
+    """One summary of work measured in parts (the shards of a stage, on one machine or several),
+    counted as if the parts ran one after another: samples, times and energies add up, averages
+    are weighted by samples, and the peak memory and the memory added are the largest part's
+    (each part ran in its own process). An energy is None unless every part measured it."""
+
+    def values(key: str) -> list:
+        return [p.get(key) for p in parts]
+
+    def total(key: str) -> float | None:
+        found = values(key)
+        return float(sum(found)) if found and all(v is not None for v in found) else None
+
+    def weighted(key: str) -> float | None:
+        pairs = [(p[key], p.get("samples") or 0) for p in parts if p.get(key) is not None]
+        weight = sum(w for _, w in pairs)
+        return float(sum(v * w for v, w in pairs) / weight) if weight else None
+
+    def largest(key: str) -> float | None:
+        found = [v for v in values(key) if v is not None]
+        return float(max(found)) if found else None
+
+    out: dict = {
+        "samples": int(sum(p.get("samples") or 0 for p in parts)),
+        "cpu_percent_avg": weighted("cpu_percent_avg"),
+        "cpu_mem_avg_gb": weighted("cpu_mem_avg_gb"),
+        "cpu_mem_peak_gb": largest("cpu_mem_peak_gb"),
+        "cpu_mem_added_gb": largest("cpu_mem_added_gb"),
+        "gpu_util_avg": weighted("gpu_util_avg"),
+        "gpu_power_avg_w": weighted("gpu_power_avg_w"),
+        "gpu_energy_wh": total("gpu_energy_wh"),
+        "cpu_energy_wh": total("cpu_energy_wh"),
+    }
+    counted = [k for k in ("gpu_energy_wh", "cpu_energy_wh") if out[k] is not None]
+    out["energy_wh"] = float(sum(out[k] for k in counted)) if counted else None
+    out["energy_sources"] = ",".join(k.split("_")[0] for k in counted) or "none"
+    if any("wall_s" in p for p in parts):
+        out["wall_s"] = total("wall_s")
+    return out
+
+
+def serial_samples(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The telemetry samples of parts measured apart, one after another: each part's times and
+    cumulative CPU energy continue from where the part before it ended."""
+    cols = ["t", "cpu_percent", "rss_bytes", "gpu_util", "gpu_power_w", "gpu_mem_bytes", "cpu_energy_j"]
+    shifted, t0, e0 = [], 0.0, 0.0
+    for frame in frames:
+        if not len(frame):
+            continue
+        frame = frame.reindex(columns=cols).astype(float)
+        shifted.append(frame.assign(t=frame.t + t0, cpu_energy_j=frame.cpu_energy_j + e0))
+        t0 += float(frame.t.iloc[-1])
+        if frame.cpu_energy_j.notna().any():
+            e0 += float(frame.cpu_energy_j.dropna().iloc[-1])
+    return pd.concat(shifted, ignore_index=True) if shifted else pd.DataFrame(columns=cols, dtype=float)
+
+
 def energy_per_correct_mwh(energy_wh: float | None, correct: int) -> float | None:
     if energy_wh is None or correct <= 0:
         return None

@@ -75,6 +75,14 @@ def resolve_model(cfg: EdgeConfig, weights: str | Path | None = None) -> EdgeMod
     return EdgeModel(weights if weights is not None else cfg.weights, seed=cfg.seed)
 
 
+def int8_calibration_sample(cfg: EdgeConfig, paths: Sequence[str]) -> list[str]:
+    """The images int8 ranges are calibrated on by default: a sample of `paths` seeded by
+    `cfg.seed`, in their order (no labels are involved)."""
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.choice(len(paths), size=min(cfg.int8_calibration_images, len(paths)), replace=False)
+    return [paths[i] for i in sorted(pick)]
+
+
 def run_edge(
     cfg: EdgeConfig,
     paths: list[str],
@@ -95,9 +103,7 @@ def run_edge(
     if cfg.precision == "int8":
         calibration_source = "given" if calibration else "sample of the input images"
         if not calibration:
-            rng = np.random.default_rng(cfg.seed)
-            pick = rng.choice(len(paths), size=min(cfg.int8_calibration_images, len(paths)), replace=False)
-            calibration = [paths[i] for i in sorted(pick)]
+            calibration = int8_calibration_sample(cfg, paths)
     runner, class_names, fallback_reason = make_runner(cfg, model, cache_dir, calibration)
     d_idx = defect_index(class_names) if cfg.mode == "supervised" else None  # before any image is read
     num_classes = len(class_names)

@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
 EXPORT_RTOL = 1e-4  # max |logit_ort - logit_torch| / max(1, max |logit|) accepted when a graph is exported
+# One export or quantization at a time in a process: torch.onnx.export fails when two threads run it
+# at once (shards of the edge stage may run side by side in one process).
+_EXPORT_LOCK = threading.RLock()
 
 
 class TorchRunner:
@@ -135,6 +139,14 @@ def onnx_for(
     meta_path = cache_dir / f"{stem}.json"
     if path.is_file() and meta_path.is_file():
         return path
+    with _EXPORT_LOCK:
+        if path.is_file() and meta_path.is_file():  # another thread exported it meanwhile
+            return path
+        return _export_verified(model, imgsz, cache_dir, opset, threads, path, meta_path)
+
+
+def _export_verified(model: EdgeModel, imgsz: int, cache_dir: Path, opset: int, threads: int, path: Path,
+                     meta_path: Path) -> Path:  # fmt: skip
     cache_dir.mkdir(parents=True, exist_ok=True)
     loaded = model.torch()
     exporter = _export(loaded, imgsz, opset, path)
@@ -192,11 +204,6 @@ def int8_onnx_for(
     inference; the cache key adds the hash of those files' bytes. The metadata records how
     far the int8 graph is from the float graph on the calibration images.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from saec.tasks.edge.preprocess import load_classify, to_nchw_float
-
     if not calibration:
         raise ValueError("int8 quantization needs calibration images")
     model = EdgeModel.of(model)
@@ -207,6 +214,19 @@ def int8_onnx_for(
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
         return path
+    with _EXPORT_LOCK:
+        if not (path.is_file() and meta_path.is_file()):  # another thread may have quantized it meanwhile
+            _quantize(fp32, path, meta_path, imgsz, calibration, threads)
+    return path
+
+
+def _quantize(fp32: Path, path: Path, meta_path: Path, imgsz: int, calibration: Sequence[str | Path], threads: int) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from saec.tasks.edge.preprocess import load_classify, to_nchw_float
+
+    cache_dir = path.parent
     x = to_nchw_float(np.stack([load_classify(p, imgsz) for p in calibration]))
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -241,7 +261,6 @@ def int8_onnx_for(
         "verification_vs_fp32": check,
     }
     write_json_atomic(meta_path, meta)
-    return path
 
 
 def make_runner(
