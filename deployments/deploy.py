@@ -8,6 +8,12 @@
 `prefect.yaml` stays the single description of the deployments: `apply` hands it to
 `prefect deploy`, and `serve` reads the same entries.
 
+Stage runs are watched: their deployments set `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` in their
+job variables, so each run sends a heartbeat event that often, and `apply` creates the
+automation `STAGE_WATCH`, which marks such a run Crashed when neither a heartbeat nor a state
+change came for `SILENT_PERIODS` periods (its worker's machine died, and nobody is left to
+report the run's end). The parent that sent the stage then sends it again.
+
 `serve` and `worker` run their Prefect process as a supervised child (`supervise`): one Ctrl-C
 stops it, also when the Prefect server has gone away and the process would wait on it.
 """
@@ -111,8 +117,103 @@ def ensure_work_pools(names: list[str], pool_type: str = WORK_POOL_TYPE) -> list
     return asyncio.run(go())
 
 
+# ------------------------------------------------------------------ the stage watch
+
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+MIN_HEARTBEAT_S = 30  # Prefect sends heartbeats at most this often
+STAGE_WATCH = "saec-crash-silent-stage-runs"
+SILENT_PERIODS = 2  # heartbeat periods without a sign of life before a watched run is marked Crashed
+# what a live run sends, or ends with; Pending (a worker took it) also starts the watch, so a
+# machine that dies while the run's process starts is caught too
+SIGNS_OF_LIFE = {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"}
+ENDS = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")}
+
+
+def heartbeat_periods(spec: dict[str, Any]) -> dict[str, int]:
+    """'<flow>/<deployment>' -> heartbeat period in s, of the deployments whose job variables set one."""
+    out = {}
+    for d in spec["deployments"]:
+        env = ((d["work_pool"].get("job_variables") or {}).get("env") or {})
+        if HEARTBEAT_ENV not in env:
+            continue
+        try:
+            period = int(env[HEARTBEAT_ENV])
+        except (TypeError, ValueError):
+            period = 0
+        if period < MIN_HEARTBEAT_S:
+            raise SpecError(f"deployment {d['name']}: {HEARTBEAT_ENV}={env[HEARTBEAT_ENV]!r}: expected whole seconds, "
+                            f"at least {MIN_HEARTBEAT_S}")  # fmt: skip
+        out[f"{_flow_of(d['entrypoint']).name}/{d['name']}"] = period
+    return out
+
+
+def stage_watch(deployment_ids: list[str], period_s: int):
+    """The automation that marks a run of these deployments Crashed once it falls silent.
+
+    Prefect's recipe for zombie flow runs (a proactive trigger on `prefect.flow-run.heartbeat`),
+    narrowed to the watched deployments: other runs send heartbeats every 180 s by default and
+    must not be judged by this period.
+    """
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    silence = SILENT_PERIODS * period_s
+    return AutomationCore(
+        name=STAGE_WATCH,
+        description=f"SAEC: marks a stage run Crashed after {silence} s without a heartbeat (its worker's machine "
+                    "died); the parent run then sends the stage to another worker of the pool. Made by `saec deploy apply`.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.Pending", "prefect.flow-run.heartbeat"},
+            expect=SIGNS_OF_LIFE | ENDS,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "deployment",
+                           "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silence),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {silence} s: the run's worker or machine is gone")],
+    )  # fmt: skip
+
+
+def ensure_stage_watch(spec: dict[str, Any]) -> str | None:
+    """Create or update the stage watch for the file's watched deployments that the server has;
+    remove it when there are none. Returns what it did, for the operator."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    periods = heartbeat_periods(spec)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(STAGE_WATCH)
+        ids = {}
+        for name in periods:
+            try:
+                ids[name] = str(client.read_deployment_by_name(name).id)
+            except ObjectNotFound:
+                pass  # not applied (yet): `apply --name` of other deployments
+        periods = {n: p for n, p in periods.items() if n in ids}
+        if not periods:
+            for a in existing:
+                client.delete_automation(a.id)
+            return f"removed automation {STAGE_WATCH}" if existing else None
+        watch = stage_watch(list(ids.values()), max(periods.values()))
+        for extra in existing[1:]:
+            client.delete_automation(extra.id)
+        if existing:
+            client.update_automation(existing[0].id, watch)
+        else:
+            client.create_automation(watch)
+    return (f"automation {STAGE_WATCH}: runs of {', '.join(periods)} are marked Crashed after "
+            f"{watch.trigger.within.total_seconds():.0f} s without a heartbeat")  # fmt: skip
+
+
 def apply(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None, workdir: str | Path | None = None) -> None:
-    """Create the work pools, then the deployments (all, or those named '<flow>/<deployment>')."""
+    """Create the work pools, then the deployments (all, or those named '<flow>/<deployment>'), then the stage watch."""
     prefect_file = Path(prefect_file).resolve()
     spec = load_spec(prefect_file)
     created = ensure_work_pools(work_pool_names(spec))
@@ -123,6 +224,8 @@ def apply(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = Non
     done = subprocess.run(cmd, cwd=workdir or Path.cwd(), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"`prefect deploy` failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    if (watch := ensure_stage_watch(spec)) is not None:
+        console.print(watch)
 
 
 def runner_deployments(spec: dict[str, Any], names: list[str] | None = None) -> list:
@@ -283,10 +386,13 @@ def serve_here_cmd(prefect_file: FileOpt = PREFECT_FILE, name: NameOpt = None, l
     from prefect import serve
 
     try:
-        deployments = runner_deployments(load_spec(prefect_file), name)
+        spec = load_spec(prefect_file)
+        deployments = runner_deployments(spec, name)
+        periods = heartbeat_periods(spec)
     except SpecError as exc:
         _fail(str(exc))
-    serve(*deployments, limit=limit)
+    # served runs get no job variables: the watched deployments' heartbeat period applies to all of them
+    serve(*deployments, limit=limit, heartbeat_seconds=min(periods.values()) if periods else None)
 
 
 @app.command("worker")

@@ -43,6 +43,7 @@ from saec.config import PipelineConfig, load_config  # noqa: E402
 from saec.flows.common import cached_result, placed, run_here, run_name  # noqa: E402
 from saec.flows.evaluate import publish_summary  # noqa: E402
 from saec.flows.pipeline import pipeline_flow  # noqa: E402
+from saec.flows.prepare import run_logger  # noqa: E402
 from saec.tasks.cloud.task import score_cloud, tiny_llava_task, tiny_vlm_task, train_cloud  # noqa: E402
 from saec.tasks.edge.task import predict_edge_task, train_edge_task  # noqa: E402
 from saec.tasks.stage import stage_of  # noqa: E402
@@ -70,6 +71,8 @@ class RemoteConfig(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="fail if a stage run takes longer (None: no limit)")
     edge_shards: int = Field(1, ge=1, description="edge prediction runs as this many shards, side by side on the edge "
                              "pool's workers, merged in the parent (training is not sharded)")
+    attempts: int = Field(3, ge=1, description="flow runs a stage gets when its runs crash (worker or machine died); "
+                                               "a stage that fails is not sent again")  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> "RemoteConfig":
@@ -227,43 +230,25 @@ class RemoteStages:
         self._threads.shutdown(wait=wait, cancel_futures=True)
 
     def _dispatch(self, task: Task, params: dict[str, Any]) -> tuple[StageResult, bool]:
-        from prefect.client.orchestration import get_client
-        from prefect.deployments import run_deployment
-        from prefect.states import Cancelled
-
         deployment = self.where[task.name]
         label = params.get("label")
-        run = run_deployment(
-            deployment,
-            parameters={"stage": task.name, "params": encode_params(task, params)},
-            flow_run_name=f"{task.name} {label}" if label else task.name,  # e.g. "score-cloud mvtec_holdout/cloud_only"
-            tags=["saec", deployment.split("/")[1]],
-            timeout=0,
-        )
-        t0 = time.monotonic()
-        started = None
-        with get_client(sync_client=True) as client:
-            while True:
-                run = client.read_flow_run(run.id)
-                state = run.state
-                if state is not None and state.is_final():
-                    break
-                now = time.monotonic()
-                if started is None and state is not None and (state.is_pending() or state.is_running()):
-                    started = now  # a worker took it
-                if started is None and now - t0 > self.cfg.start_timeout_s:
-                    client.set_flow_run_state(run.id, Cancelled(message="no worker picked it up"), force=True)
-                    pool = client.read_deployment_by_name(deployment).work_pool_name
-                    raise RemoteStageError(
-                        f"stage {task.name!r}: no worker of work pool {pool!r} picked up flow run {run.name} "
-                        f"within {self.cfg.start_timeout_s:.0f} s; start one with `saec deploy worker --pool {pool}`"
-                    )
-                if started is not None and self.cfg.timeout_s is not None and now - started > self.cfg.timeout_s:
-                    client.set_flow_run_state(run.id, Cancelled(message="timed out"), force=True)
-                    raise RemoteStageError(f"stage {task.name!r}: flow run {run.name} ran longer than {self.cfg.timeout_s} s")
-                time.sleep(self.cfg.poll_interval_s)
+        name = f"{task.name} {label}" if label else task.name  # e.g. "score-cloud mvtec_holdout/cloud_only"
+        log = run_logger()
+        warn_if_unwatched(log)
+        attempts = self.cfg.attempts
+        for attempt in range(1, attempts + 1):
+            run, state = self._send(task, deployment, params, name if attempt == 1 else f"{name} (attempt {attempt})",
+                                    f"attempt {attempt} of {attempts}")  # fmt: skip
+            why = resend_reason(state)
+            if why is None:
+                break
+            if attempt < attempts:
+                log.warning("stage %s: flow run %s (%s) %s; sending the stage again to %s (attempt %d of %d)",
+                            task.name, run.name, run.id, why, deployment, attempt + 1, attempts)  # fmt: skip
         if not state.is_completed():
-            raise RemoteStageError(f"stage {task.name!r} on {deployment}: flow run {run.name} ({run.id}) ended {state.name}: {state.message}")
+            tries = f" (attempt {attempt} of {attempts}; every one crashed)" if resend_reason(state) else ""
+            raise RemoteStageError(f"stage {task.name!r} on {deployment}: flow run {run.name} ({run.id}) ended "
+                                   f"{state.name}: {state.message}{tries}")  # fmt: skip
         decl = stage_of(task)
         key = decl.key(params)
         out = Store(params["store"]).read_doc(dispatch_record(run.id))
@@ -286,6 +271,85 @@ class RemoteStages:
         self.dispatched.append({"stage": task.name, "deployment": deployment, "flow_run": str(run.id), "host": out["host"],
                                 "mirror": out.get("mirror"), "cached": bool(out["cached"]), "label": label})  # fmt: skip
         return result, bool(out["cached"])
+
+    def _send(self, task: Task, deployment: str, params: dict[str, Any], name: str, attempt: str) -> tuple[Any, State]:
+        """One flow run of `deployment` for the stage; returns it and its final state."""
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+        from prefect.states import Cancelled
+
+        run = run_deployment(
+            deployment,
+            parameters={"stage": task.name, "params": encode_params(task, params)},
+            flow_run_name=name,
+            tags=["saec", deployment.split("/")[1]],
+            timeout=0,
+        )
+        run_logger().info("stage %s: sent to %s as flow run %s (%s), %s", task.name, deployment, run.name, run.id, attempt)
+        t0 = time.monotonic()
+        started = None
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run.id)
+                state = run.state
+                if state is not None and state.is_final():
+                    return run, state
+                now = time.monotonic()
+                if started is None and state is not None and (state.is_pending() or state.is_running()):
+                    started = now  # a worker took it
+                if started is None and now - t0 > self.cfg.start_timeout_s:
+                    client.set_flow_run_state(run.id, Cancelled(message="no worker picked it up"), force=True)
+                    pool = client.read_deployment_by_name(deployment).work_pool_name
+                    raise RemoteStageError(
+                        f"stage {task.name!r}: no worker of work pool {pool!r} picked up flow run {run.name} "
+                        f"within {self.cfg.start_timeout_s:.0f} s; start one with `saec deploy worker --pool {pool}`"
+                    )
+                if started is not None and self.cfg.timeout_s is not None and now - started > self.cfg.timeout_s:
+                    client.set_flow_run_state(run.id, Cancelled(message="timed out"), force=True)
+                    raise RemoteStageError(f"stage {task.name!r}: flow run {run.name} ran longer than {self.cfg.timeout_s} s")
+                time.sleep(self.cfg.poll_interval_s)
+
+
+def resend_reason(state: State) -> str | None:
+    """Why a stage run that ended in `state` is sent again as a new flow run; None if it is not.
+
+    Only a crash is sent again: the run's process or its machine went away before the stage
+    could answer. Its worker reports that when the process dies under it; when the worker died
+    too, the server's stage watch (see `saec deploy apply`) marks the run Crashed once its
+    heartbeats stop. The stage's output is stored under its content key, so a second run on
+    another worker computes the same thing, or reuses it if the first got as far as storing it.
+    A Failed run raised in the stage (bad input, a bug): the same parameters fail again, so the
+    failure is the answer. A Cancelled run was stopped on purpose, by someone or by a timeout.
+    """
+    if state.is_crashed():
+        return f"crashed ({state.message or 'no message'})"
+    return None
+
+
+_watch_checked: set[str] = set()
+
+
+def warn_if_unwatched(log: Any) -> None:
+    """Warn, once per Prefect server, when it has no stage watch: a stage run whose machine dies
+    would then stay Running, and its parent would wait for it as long as `timeout_s` allows."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from saec.deployments.deploy import STAGE_WATCH
+
+    api = str(PREFECT_API_URL.value())
+    if api in _watch_checked:
+        return
+    _watch_checked.add(api)
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_automations_by_name(STAGE_WATCH)
+    except Exception as exc:  # the check is advice; the dispatch itself reports an unreachable server
+        log.debug("could not look up automation %r: %s", STAGE_WATCH, exc)
+        return
+    if not any(a.enabled for a in found):
+        log.warning("the Prefect server has no enabled automation %r: a stage run whose worker machine dies is not "
+                    "marked Crashed and not sent again; create it with `saec deploy apply`", STAGE_WATCH)  # fmt: skip
 
 
 # ------------------------------------------------------------------ deployed entry points

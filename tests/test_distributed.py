@@ -158,7 +158,7 @@ class ShardWatcher(threading.Thread):
                     if entry["worker"] is None and r.state is not None and r.state.is_running():
                         entry["worker"] = self._owner(r)
                     if self.killed is None and entry["worker"] and r.state is not None and r.state.is_running() \
-                            and "shard 1/" in r.name:  # fmt: skip
+                            and "#1of2" in r.name:  # fmt: skip
                         victim = next(w for w in self.workers if w.name == entry["worker"])
                         victim.kill()
                         self.killed = (victim.name, str(r.id))

@@ -8,7 +8,6 @@ process, side by side, as the edge pool's workers would.
 from __future__ import annotations
 
 import contextvars
-import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +26,6 @@ from saec.tasks.edge.task import edge_shards_merge, predict_edge_task, train_edg
 from saec.tasks.stage import Shard, stage_of
 from saec.tasks.telemetry import TelemetryConfig, combine_summaries, serial_samples
 
-from conftest import SMALL_PIPELINE  # noqa: E402
-from test_prefect_server import FAST_REMOTE, _client, _descendants, _summary, _trigger, _wait, stack  # noqa: E402,F401
 
 N_IMAGES = 13  # with batches of 3: five batches, the last of one image
 CFG = EdgeConfig(mode="supervised", imgsz=32, batch_size=3, threads=1, io_threads=1, progress=False)
@@ -210,33 +207,3 @@ def test_remote_placement_shards_edge_prediction_only():
     plain.close()
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         RemoteConfig(edge_shards=0)
-
-
-@pytest.mark.slow
-def test_a_distributed_run_sends_the_edge_shards_to_the_edge_pool(stack, tmp_path):
-    """`remote.edge_shards=2` on real work pools: each edge prediction goes to the edge pool as two
-    stage runs, the parent merges them, and the merged tables are those of `saec run` in one process."""
-    store = tmp_path / "store"
-    base = [*SMALL_PIPELINE, "evaluate.systems=[saec, edge_only]", "edge.batch_size=4", f"store.root={store}"]
-    run_id = _trigger(stack, "saec-pipeline/distributed", overrides=base, remote={**FAST_REMOTE, "edge_shards": 2})
-    done = _wait(stack, run_id)
-    assert done.state.is_completed(), done.state.message
-    record = _summary(store, run_id)["record"]
-    sent = [d["stage"] for d in record["dispatched"]]
-    assert sent.count("predict-edge") == 4 and sent.count("train-edge") == 1  # two shards for each of two systems
-    stages = record["stages"]
-    for system in ("saec_edge", "edge_only"):
-        name = f"mvtec_holdout/{system}"
-        assert {stages[f"{name}#{i}of2"]["state"] for i in (1, 2)} == {"ran"} and stages[name]["state"] == "ran"
-        assert stages[name]["info"]["images"] == sum(stages[f"{name}#{i}of2"]["info"]["images"] for i in (1, 2))
-    with _client(stack) as client:
-        names = {r.name for r in _descendants(client, run_id) if r.deployment_id is not None}
-    assert {"predict-edge mvtec_holdout/saec_edge#1of2", "predict-edge mvtec_holdout/edge_only#2of2"} <= names
-    # the same configuration in one process: its edge stages are its own (no shards), the tables the same
-    stack.cli("saec.cli", "run", *[a for item in base for a in ("--set", item)])
-    local = max((json.loads(p.read_text()) for p in store.glob("runs/*/run.json")), key=lambda r: (r["started"], r["run_id"]))
-    assert local["run_id"] != record["run_id"] and local["stages"]["train_edge"]["state"] == "cached"
-    for system in ("saec_edge", "edge_only"):
-        mine, theirs = (r["stages"][f"mvtec_holdout/{system}"]["outputs"]["predictions"] for r in (record, local))
-        assert mine["identity"] == theirs["identity"] and mine["rows"] == theirs["rows"]
-    assert local["stages"]["mvtec_holdout/saec_cloud_unsure"]["state"] == "cached"  # the routing it reads is the same

@@ -128,6 +128,83 @@ def test_deployments_file_declares_both_pools_and_a_nightly_schedule():
     assert by_name["saec-pipeline/distributed"]["parameters"]["distributed"] is True
 
 
+def test_stage_runs_send_heartbeats_and_a_silent_one_is_marked_crashed():
+    from prefect.client.schemas.objects import StateType
+
+    from saec.deployments.deploy import HEARTBEAT_ENV, SpecError, heartbeat_periods, load_spec, stage_watch
+
+    assert heartbeat_periods(load_spec()) == {"run-stage/edge": 30, "run-stage/cloud": 30}
+    watch = stage_watch(["d1", "d2"], 30)
+    trigger, action = watch.trigger, watch.actions[0]
+    assert trigger.posture == "Proactive" and trigger.threshold == 1 and trigger.within.total_seconds() == 60
+    assert {"prefect.flow-run.Pending", "prefect.flow-run.heartbeat"} == trigger.after
+    assert {f"prefect.flow-run.{e}" for e in ("heartbeat", "Running", "Completed", "Failed", "Crashed", "Cancelled")} <= trigger.expect
+    assert trigger.match_related.model_dump()["prefect.resource.id"] == ["prefect.deployment.d1", "prefect.deployment.d2"]
+    assert action.state == StateType.CRASHED and not action.force  # a run that has ended keeps its state
+    too_often = {"name": "x", "entrypoint": "m:f", "work_pool": {"name": "edge", "job_variables": {"env": {HEARTBEAT_ENV: "10"}}}}
+    with pytest.raises(SpecError, match="at least 30"):
+        heartbeat_periods({"deployments": [too_often]})
+
+
+def test_only_a_crashed_stage_run_is_sent_again_and_only_so_often(monkeypatch, tmp_path, caplog):
+    """A crash (the worker or its machine died) sends the stage again, up to `attempts` flow runs;
+    a stage that failed (an exception in the stage) or was cancelled is not sent again."""
+    from types import SimpleNamespace
+
+    from prefect.states import Cancelled, Completed, Crashed, Failed
+
+    import saec.flows.remote as remote
+    from saec.tasks.edge.task import train_edge_task
+
+    assert remote.resend_reason(Crashed(message="no heartbeat for 60 s")) == "crashed (no heartbeat for 60 s)"
+    for final in (Completed(), Failed(message="ValueError: bad input"), Cancelled(message="timed out")):
+        assert remote.resend_reason(final) is None
+
+    class Decl:  # the stage's declaration, as far as the parent uses it after a completed run
+        code = "c"
+
+        def key(self, params):
+            return "k"
+
+        def lookup(self, store, params):
+            return "the stored output"
+
+    monkeypatch.setattr(remote, "stage_of", lambda task: Decl())
+    monkeypatch.setattr(remote, "warn_if_unwatched", lambda log: None)
+
+    def dispatch(*states):
+        sent = []
+
+        def send(self, task, deployment, params, name, attempt):
+            sent.append(name)
+            return SimpleNamespace(id=f"run-{len(sent)}", name=name), states[len(sent) - 1]
+
+        monkeypatch.setattr(remote.RemoteStages, "_send", send)
+        stages = remote.RemoteStages(remote.RemoteConfig(attempts=3))
+        try:
+            return sent, stages._dispatch(train_edge_task, {"store": str(tmp_path), "label": "x"}), stages.dispatched
+        except remote.RemoteStageError as exc:
+            return sent, exc, stages.dispatched
+        finally:
+            stages.close()
+
+    record = remote.dispatch_record(tmp_path, "run-2")
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"stage": "train-edge", "key": "k", "code": "c", "cached": False, "host": "h2"}))
+    with caplog.at_level("INFO"):
+        sent, out, dispatched = dispatch(Crashed(message="no heartbeat for 60 s"), Completed())
+    assert sent == ["train-edge x", "train-edge x (attempt 2)"] and out == ("the stored output", False)
+    assert [d["flow_run"] for d in dispatched] == ["run-2"]
+    assert "flow run train-edge x (run-1) crashed (no heartbeat for 60 s); sending the stage again" in caplog.text
+
+    sent, err, _ = dispatch(Crashed(message="gone"), Failed(message="ValueError: bad input"), Completed())
+    assert len(sent) == 2 and "ended Failed: ValueError: bad input" in str(err)  # the stage's own failure is final
+    sent, err, _ = dispatch(Cancelled(message="timed out"))
+    assert len(sent) == 1 and "ended Cancelled" in str(err)
+    sent, err, _ = dispatch(*[Crashed(message="gone")] * 4)
+    assert len(sent) == 3 and "attempt 3 of 3; every one crashed" in str(err)
+
+
 # ------------------------------------------------------------------ the server, its workers, cleanup
 
 
