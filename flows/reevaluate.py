@@ -72,16 +72,18 @@ class SourceRunModels:
                 "evaluate with the configuration that run had (edge.mode, cloud.model, cloud.adapter), or run the "
                 "pipeline with this one first"
             )
-        return _stage_of(entry), True
+        return _stage_of(entry, self.source), True
 
     def submit(self, task: Task, params: dict[str, Any], wait_for: list | None):
         raise NotImplementedError("model stages are called, not submitted")
 
 
-def _stage_of(entry: dict) -> StageResult:
-    """The stage output a run record names, re-read from its folder and checked against the record's hashes."""
+def _stage_of(entry: dict, source: RunFolder) -> StageResult:
+    """The stage output a run record names, re-read from its folder and checked against the record's hashes.
+    In an object store the folder is the machine's that ran `source`: the output is found by stage and key."""
     folder = Path(entry["dir"])
-    result = Store(folder.parents[2]).lookup(folder.parent.name, entry["key"])
+    store = Store(source.remote.url) if source.remote is not None else Store(folder.parents[2])
+    result = store.lookup(folder.parent.name, entry["key"])
     if result is None:
         raise FileNotFoundError(f"stage output {folder} named by the run record is gone from the store, or damaged")
     recorded = {k: v["sha256"] for k, v in entry["outputs"].items()}
@@ -127,7 +129,7 @@ def reevaluate_flow(cfg: PipelineConfig, drift: DriftConfig, models_from: str | 
     """Evaluate the models of a pipeline run on the current data; compare with the previous re-evaluation."""
     store = Store(cfg.store.root)
     source = model_source(store, models_from)
-    sft = _stage_of(source.record["stages"]["sft"])
+    sft = _stage_of(source.record["stages"]["sft"], source)
     run = start_run(cfg, "reevaluate")
     run.record.update(models_from=source.run_id, deployment=deployment,
                       models_code={name: st.get("code", "") for name, st in source.record["stages"].items()

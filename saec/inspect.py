@@ -139,7 +139,15 @@ def read_run_table(run: RunFolder, table: str) -> pd.DataFrame:
     hit = known[known.table == table]
     if hit.empty:
         raise LookupError(f"run {run.run_id} has no table {table!r}; it has: {', '.join(known.table)}")
-    return read_table(hit.path.iloc[0])
+    path = Path(hit.path.iloc[0])
+    if not path.exists() and run.remote is not None and ":" in table and not table.startswith("run:"):
+        # a run on another machine: its stage outputs are found in the object store by stage and key
+        name, _, output = table.rpartition(":")
+        entry = run.record["stages"][name]
+        found = Store(run.remote.url).lookup(Path(entry["dir"]).parent.name, entry["key"])
+        if found is not None:
+            return found.table(output)
+    return read_table(path)
 
 
 def compare_runs(a: RunFolder, b: RunFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
