@@ -166,7 +166,9 @@ def stage_watch(deployment_ids: list[str], period_s: int):
         description=f"SAEC: marks a stage run Crashed after {silence} s without a heartbeat (its worker's machine "
                     "died); the parent run then sends the stage to another worker of the pool. Made by `saec deploy apply`.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.Pending", "prefect.flow-run.heartbeat"},
+            # every sign of life opens a new window: a run that dies after its Running event and before its
+            # next heartbeat (a short stage killed in its first 30 s) is caught as well
+            after={"prefect.flow-run.Pending"} | SIGNS_OF_LIFE,
             expect=SIGNS_OF_LIFE | ENDS,
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "deployment",

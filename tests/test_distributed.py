@@ -28,7 +28,7 @@ from servers import PostgresServer, PrefectServer, S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = [*SMALL_PIPELINE, "evaluate.systems=[saec]"]
-DEADLINE_S = 900  # the distributed run, start to end, with a worker lost, on a busy two-core machine
+DEADLINE_S = 480  # the distributed run, start to end, with a worker lost, on a busy two-core machine
 # what decides: the columns of the decisions table less where the files lay on the machine that prepared the data
 DECISION_COLUMNS = ["image_id", "category", "defect_type", "label", "pred", "correct", "branch", "reason", "score", "system"]
 
@@ -208,10 +208,10 @@ def test_two_edge_workers_and_a_cloud_worker_share_only_the_store_and_the_api(tm
             assert watcher.killed is not None, f"no shard was seen running to kill its worker: {watcher.seen}"
             dead, lost_run = watcher.killed
             alive = next(m.name for m in edge if m.name != dead)
-            assert watcher.seen[lost_run]["state"] != "Completed"
-            shards = {e["name"]: e for e in watcher.seen.values()}
-            ran = [e for e in watcher.seen.values() if e["state"] == "Completed"]
-            assert {e["worker"] for e in ran if "shard" in e["name"]} <= {alive, None}
+            assert watcher.seen[lost_run]["state"] == "Crashed"  # marked so by the stage watch, 60 s without a heartbeat
+            done = [e for e in watcher.seen.values() if e["state"] == "Completed"]
+            assert sorted(e["name"].split("#")[1].split()[0] for e in done) == ["1of2", "2of2"]
+            assert any("(attempt 2)" in e["name"] for e in done)  # the lost shard, sent again
 
             ref_hash, ref, _ = _decisions(f"s3://{s3.bucket}/single", s3.env(), tmp_path / "checker" / "a")
             got_hash, got, record = _decisions(f"s3://{s3.bucket}/dist", s3.env(), tmp_path / "checker" / "b")
@@ -226,7 +226,6 @@ def test_two_edge_workers_and_a_cloud_worker_share_only_the_store_and_the_api(tm
             assert all(m.startswith(str(tmp_path / alive)) for m in mirrors), (mirrors, alive)
             assert {s["stage"] for s in sent if s["mirror"].startswith(str(tmp_path / "cloud"))} >= {"train-cloud", "score-cloud"}
             assert not any(s["mirror"].startswith(str(tmp_path / "parent")) for s in sent)
-            assert len(shards) >= 3, shards  # two shards and the one run again
         finally:
             for m in machines:
                 m.stop()

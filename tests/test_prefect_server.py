@@ -137,7 +137,7 @@ def test_stage_runs_send_heartbeats_and_a_silent_one_is_marked_crashed():
     watch = stage_watch(["d1", "d2"], 30)
     trigger, action = watch.trigger, watch.actions[0]
     assert trigger.posture == "Proactive" and trigger.threshold == 1 and trigger.within.total_seconds() == 60
-    assert {"prefect.flow-run.Pending", "prefect.flow-run.heartbeat"} == trigger.after
+    assert {"prefect.flow-run.Pending", "prefect.flow-run.heartbeat", "prefect.flow-run.Running"} == trigger.after
     assert {f"prefect.flow-run.{e}" for e in ("heartbeat", "Running", "Completed", "Failed", "Crashed", "Cancelled")} <= trigger.expect
     assert trigger.match_related.model_dump()["prefect.resource.id"] == ["prefect.deployment.d1", "prefect.deployment.d2"]
     assert action.state == StateType.CRASHED and not action.force  # a run that has ended keeps its state
@@ -188,9 +188,10 @@ def test_only_a_crashed_stage_run_is_sent_again_and_only_so_often(monkeypatch, t
         finally:
             stages.close()
 
-    record = remote.dispatch_record(tmp_path, "run-2")
-    record.parent.mkdir(parents=True)
-    record.write_text(json.dumps({"stage": "train-edge", "key": "k", "code": "c", "cached": False, "host": "h2"}))
+    from saec.artifacts.store import Store
+
+    Store(tmp_path).write_doc(remote.dispatch_record("run-2"),
+                              {"stage": "train-edge", "key": "k", "code": "c", "cached": False, "host": "h2"})
     with caplog.at_level("INFO"):
         sent, out, dispatched = dispatch(Crashed(message="no heartbeat for 60 s"), Completed())
     assert sent == ["train-edge x", "train-edge x (attempt 2)"] and out == ("the stored output", False)
