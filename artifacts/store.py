@@ -447,11 +447,18 @@ class Store:
 
         With an object store, its record there decides: the mirror's copy is used when it is that
         record's, and fetched from the object store otherwise."""
+        return self._lookup(stage, key, held=False)
+
+    def _lookup(self, stage: str, key: str, held: bool) -> StageResult | None:
+        """`lookup`; `held`: this process holds the key's lock already (a second lock object on the
+        same file would wait for the first forever)."""
         if self.remote is None:
             return self._lookup_local(stage, key)
         marker = self.remote.read(self._record_key(stage, key))
         if marker is None:
             return None
+        if held:
+            return self._lookup_local(stage, key, marker) or self._pull_locked(stage, key, marker)
         return self._lookup_local(stage, key, marker) or self._pull(stage, key, marker)
 
     @staticmethod
@@ -494,8 +501,8 @@ class Store:
         lock = self._lock(stage, key)
         try:
             with lock:
-                if not replace and (hit := self.lookup(stage, key)) is not None:
-                    return hit, True  # another process built it while this one waited
+                if not replace and (hit := self._lookup(stage, key, held=True)) is not None:
+                    return hit, True  # another process (or machine) built it while this one waited
                 self._clear_leftovers(stage, key)
                 built = self._build_locked(stage, key, build, measurements, code, replace)
                 if built is None:  # another machine published this key first: its output is the one

@@ -178,3 +178,20 @@ def test_a_store_it_cannot_write_fails_before_work_with_the_fix(s3, tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "ObjectStoreError" in last and "s3://no-such-bucket-here/x" in last and "AWS_ACCESS_KEY_ID" in last
+
+
+def test_a_key_published_elsewhere_while_this_machine_waited_for_its_lock_is_taken(bucket, tmp_path, monkeypatch):
+    """The second look under the key's lock fetches what another machine published meanwhile
+    (and does not wait for the lock it holds itself)."""
+    as_machine(monkeypatch, tmp_path / "a")
+    Store(bucket).get_or_build("demo", "k5", _build("from a"))
+    as_machine(monkeypatch, tmp_path / "b")
+    b = Store(bucket)
+    looks = []
+    monkeypatch.setattr(b, "lookup", lambda stage, key: looks.append(key))  # b's first look, before the lock, misses
+
+    def never(out: Path):
+        raise AssertionError("built although the store held it")
+
+    got, reused = b.get_or_build("demo", "k5", never)
+    assert looks == ["k5"] and reused and Path(got.outputs["note"].path).read_text() == "from a"
