@@ -168,7 +168,10 @@ class Stage:
         unknown = sorted(set(params) - {p.name for p in self.params} - {"store"})
         if unknown:
             raise TypeError(f"stage {self.name!r} takes no parameter(s) {unknown}")
-        inputs = {k: keyable(v) for k, v in sorted(params.items()) if k not in self.observe and k != "store"}
+        # the parameters as the task binds them, defaults filled in: a key computed from the arguments a
+        # caller gave (a placement, a lookup) is the key the task computes
+        given = {p.name: p.default for p in self.params if p.default is not inspect.Parameter.empty} | params
+        inputs = {k: keyable(v) for k, v in sorted(given.items()) if k not in self.observe and k != "store"}
         return hash_obj({"stage": self.name, "code": self.code, "inputs": inputs})[:24]
 
     def lookup(self, store: str | Path, params: dict[str, Any]) -> StageResult | None:

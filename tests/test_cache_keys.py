@@ -249,3 +249,19 @@ def test_what_a_stage_holds_loaded_at_run_time_is_not_part_of_its_code():
         assert code_identity(task.score_cloud.fn) == empty
     finally:
         task.release_models()
+
+
+def test_a_key_from_the_arguments_a_caller_gives_is_the_key_the_task_computes(tmp_path, prefect_server):
+    """A placement or a lookup computes a stage's key from the arguments given; the task binds
+    every parameter, defaults included. Both must be one key (a sharded stage's `shard=None` was not)."""
+    from saec.tasks.stage import Built, stage, stage_of
+
+    @stage("keyed_default_demo", task="keyed-default-demo")
+    def demo(out: Path, x: int, part: int | None = None) -> Built:
+        (out / "v.txt").write_text(f"{x} {part}")
+        return {"v": out / "v.txt"}, {}
+
+    built = demo(store=str(tmp_path), x=1)
+    assert built.key == stage_of(demo).key({"store": str(tmp_path), "x": 1})
+    assert stage_of(demo).lookup(str(tmp_path), {"x": 1}) is not None
+    assert built.key != stage_of(demo).key({"x": 1, "part": 2})
