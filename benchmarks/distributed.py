@@ -55,7 +55,11 @@ def _home_env(base: dict[str, str], home: Path) -> dict[str, str]:
             "XDG_CACHE_HOME": str(home / "cache")}  # fmt: skip
 
 
+OVERRIDES: list[str] = []  # --set, for every run
+
+
 def _saec_run(env: dict[str, str], cwd: Path, *overrides: str) -> float:
+    overrides = (*OVERRIDES, *overrides)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-P", "-m", "saec.cli", "run", *(f"--set={o}" for o in overrides)], cwd=cwd,
                           env=env, capture_output=True, text=True)  # fmt: skip
@@ -103,7 +107,7 @@ def _stage_inputs(url: str):
         assert found is not None, f"{name} is not in {url}"
         return found
 
-    cfg = load_config(None, [f"store.root={url}"])
+    cfg = load_config(None, [*OVERRIDES, f"store.root={url}"])
     return dict(store=url, images=result("holdout"), table="manifest", trained=result("train_edge"), sft=result("sft"),
                 cfg=cfg.edge, telemetry=cfg.telemetry)  # fmt: skip
 
@@ -196,7 +200,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-store", action="store_true", help="leave out part 1 (part 2 then prepares its own inputs)")
     ap.add_argument("--out", type=Path, default=RESULTS / "distributed.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a configuration override for every run (a smaller try)")
     args = ap.parse_args()
+    OVERRIDES.extend(args.overrides)
     import shutil
 
     shutil.rmtree(args.work, ignore_errors=True)
@@ -208,6 +214,7 @@ def main() -> None:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "loadavg_start": loadavg()},
         "versions": _versions(),
+        "overrides": args.overrides,
     }
     with S3Server(log=args.work / "moto.log") as s3:
         if not args.skip_store:
