@@ -320,6 +320,23 @@ def _problem(folder: Path, record: _Record) -> str | None:
     return None
 
 
+def _new_build_folder(final: Path, key: str) -> Path:
+    """A hidden folder beside `final` to build (or fetch) its content in, named for this process."""
+    tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _put_in_place(tmp: Path, final: Path, key: str) -> None:
+    """Rename a finished folder to its final name; a folder there already (damaged, or replaced on
+    purpose) is moved out of the way and removed first."""
+    if final.exists() or final.is_symlink():
+        aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def _describe_os_error(exc: OSError, what: str, root: Path) -> StoreError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreError(f"no space left on the device of the artifact store {root} while {what}: "
@@ -529,8 +546,7 @@ class Store:
                       replace: bool = False) -> StageResult | None:  # fmt: skip
         """Build and publish (stage, key); None when an object store already holds another build of it."""
         final = self.stage_dir(stage, key)
-        tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
+        tmp = _new_build_folder(final, key)
         t0 = time.perf_counter()
         try:
             files, info = build(tmp)
@@ -544,11 +560,7 @@ class Store:
             if self.remote is not None and not self._publish_remote(stage, key, tmp, record, replace):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return None
-            if final.exists() or final.is_symlink():  # damaged, or replaced on purpose: out of the way first
-                aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
-                os.replace(final, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            os.replace(tmp, final)
+            _put_in_place(tmp, final, key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -580,8 +592,7 @@ class Store:
             return None
         final = self.stage_dir(stage, key)
         self._clear_leftovers(stage, key)
-        tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir(parents=True)
+        tmp = _new_build_folder(final, key)
         try:
             regular = [(rel, e) for rel, e in record.files.items() if "link" not in e]
             cached = ContentCache().fetch(self.remote, [(e["sha256"], "") for _, e in regular])
@@ -602,11 +613,7 @@ class Store:
                     out.mkdir(parents=True)
             write_bytes_atomic(tmp / STAGE_RECORD, marker)
             _open_modes(tmp)
-            if final.exists() or final.is_symlink():
-                aside = final.parent / f".{key}{_DAMAGED}{uuid.uuid4().hex[:6]}"
-                os.replace(final, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            os.replace(tmp, final)
+            _put_in_place(tmp, final, key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
