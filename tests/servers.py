@@ -89,7 +89,28 @@ def group_alive(pgid: int) -> bool:
 # ------------------------------------------------------------------ S3 (moto)
 
 
-class S3Server:
+class _Served:
+    """A server process in a session of its own: `start()` it (each server defines how), or use it as a context manager;
+    `stop()` sends `STOP_SIGNAL`, waits `STOP_TIMEOUT` s, then kills what is left of its session."""
+
+    STOP_SIGNAL = signal.SIGTERM
+    STOP_TIMEOUT = 10.0
+    WHOLE_GROUP = False
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_session(self.proc, self.STOP_SIGNAL, timeout=self.STOP_TIMEOUT, whole_group=self.WHOLE_GROUP)
+            self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class S3Server(_Served):
     """moto's S3 API server on 127.0.0.1, in a process and session of its own, with one bucket made.
 
     `env()` is all that a child process needs for s3fs (and boto3) to reach it: botocore reads the endpoint
@@ -167,16 +188,6 @@ class S3Server:
         raise ServerError(f"moto's S3 server did not answer on {self.endpoint_url} within {self.timeout:.0f} s "
                           f"({_last_line(self._log)}); is the machine overloaded?")  # fmt: skip
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_session(self.proc, signal.SIGTERM, timeout=10)
-            self.proc = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------ PostgreSQL
@@ -220,7 +231,7 @@ def _unprivileged_uid() -> int:
         return next(p.pw_uid for p in pwd.getpwall() if p.pw_uid > 0)
 
 
-class PostgresServer:
+class PostgresServer(_Served):
     """A PostgreSQL server on 127.0.0.1:<free port>, its cluster in `folder`/data, trust authentication.
 
     `url` is an SQLAlchemy async URL for Prefect (`PREFECT_API_DATABASE_CONNECTION_URL`); `dsn` is the
@@ -228,6 +239,8 @@ class PostgresServer:
     """
 
     USER = "postgres"
+    STOP_SIGNAL = signal.SIGINT  # fast shutdown: open transactions rolled back, a checkpoint written
+    STOP_TIMEOUT = 30.0
 
     def __init__(self, folder: Path, database: str = "prefect", timeout: float = 60):
         self.folder = Path(folder)
@@ -327,26 +340,18 @@ class PostgresServer:
 
         return asyncio.run(run())
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT: roll back open transactions, write a checkpoint), then whatever is left killed."""
-        if self.proc is not None:
-            _stop_session(self.proc, signal.SIGINT, timeout=30)
-            self.proc = None
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------ Prefect
 
 
-class PrefectServer:
+class PrefectServer(_Served):
     """`prefect server start` on 127.0.0.1:<free port> in a process and session of its own, its settings only
     from the environment made here: PREFECT_HOME in `home`, the database at `database_url` (SQLite in
     PREFECT_HOME when None), analytics and the UI off. `env()` is what a client or worker process needs."""
+
+    STOP_TIMEOUT = 20.0
+    WHOLE_GROUP = True
 
     def __init__(self, home: Path, database_url: str | None = None, timeout: float = 120):
         self.home = Path(home)
@@ -410,14 +415,3 @@ class PrefectServer:
         with urllib.request.urlopen(req, timeout=30) as r:
             text = r.read()
         return json.loads(text) if text else None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_session(self.proc, signal.SIGTERM, timeout=20, whole_group=True)
-            self.proc = None
-
-    def __enter__(self) -> PrefectServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
