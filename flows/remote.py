@@ -10,9 +10,10 @@ decisions of what runs when, stays in the parent flow.
 The parent and the stage runs exchange references only: the parent sends a stage's
 parameters (paths and content hashes into the artifact store) and, once the stage run has
 completed, reads the stage's output from the store under the cache key it computed itself,
-verified like any cache hit. So every machine must see the artifact store at the same
-absolute path (one machine by default, a shared NFS mount for several) and run the same
-code: a worker with other code builds under another key, and the parent says so.
+verified like any cache hit. So every machine must reach one store: an object store URL
+(`s3://...`: each machine fetches the stage outputs it is sent into its own copy, `localize`),
+or one folder at the same absolute path everywhere (one machine, or an NFS mount), and run the
+same code: a worker with other code builds under another key, and the parent says so.
 
 A stage whose output the store already holds is taken from there in the parent and is not
 sent anywhere; only stages that must compute are dispatched.
