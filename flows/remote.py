@@ -131,15 +131,18 @@ def localize(params: dict[str, Any]) -> dict[str, Any]:
     if store.remote is None:
         return params
 
+    def fetched(stage: str, key: str) -> StageResult:
+        found = store.lookup(stage, key)
+        if found is None:
+            raise RemoteStageError(f"input {stage}/{key} is not in the artifact store {store.location}: "
+                                   "the run that sent this stage must publish it there first; run it again")  # fmt: skip
+        return found
+
     def here(value: Any) -> Any:
         if isinstance(value, StageResult):
-            found = store.lookup(value.stage, value.key)
-            if found is None:
-                raise RemoteStageError(f"input {value.stage}/{value.key} is not in the artifact store {store.location}: "
-                                       "the run that sent this stage must publish it there first; run it again")  # fmt: skip
-            return found
+            return fetched(value.stage, value.key)
         if isinstance(value, ModelRef) and value.source is not None:
-            found = here(StageResult(stage=value.source["stage"], key=value.source["key"], dir=""))
+            found = fetched(value.source["stage"], value.source["key"])
             return value.model_copy(update={"path": str(Path(found.dir) / value.source["rel"])})
         if isinstance(value, list):
             return [here(v) for v in value]
