@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import venv
@@ -27,6 +28,8 @@ TORCH_PINS = {
     "x86_64": ["torch==2.14.1", "torchvision==0.29.1"],
     "aarch64": ["torch==2.9.1", "torchvision==0.24.1"],
 }
+# What a finished .venv takes on disk, measured: x86_64 gets torch's CUDA build from PyPI.
+VENV_GB = {"x86_64": 7.5, "aarch64": 2.5}
 
 
 def _python() -> Path:
@@ -38,9 +41,21 @@ def _say(msg: str) -> None:
 
 
 def _pip(*args: str) -> None:
-    cmd = [str(_python()), "-m", "pip", "install", "--disable-pip-version-check", *args]
+    cmd = [str(_python()), "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir", *args]
     _say(" ".join(cmd[3:]))
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(failure_line(shutil.disk_usage(VENV).free))
+
+
+def failure_line(free_bytes: int, machine: str | None = None) -> str:
+    """The one line a failed install ends with. Less free space than the environment takes (the CUDA
+    build of torch is several GB) is named with what is needed; otherwise pip's own message above
+    says why."""
+    need = VENV_GB.get(machine or platform.machine(), 7.5)
+    if free_bytes < need * 2**30:
+        return (f"[bootstrap] set-up failed: {free_bytes / 2**20:.0f} MB free on the disk of {VENV}; "
+                f"the environment needs about {need} GB: free some space and run this command again.")
+    return "[bootstrap] set-up failed: pip's message above says why; fix that and run this command again."
 
 
 def ensure_env() -> None:

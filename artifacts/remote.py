@@ -41,7 +41,7 @@ from saec.errors import ActionableError
 
 MIRROR_MARK = ".saec-remote.json"  # in a mirror's root: the URL it mirrors
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PARALLEL = 16  # requests in flight when many small objects move
 
 
@@ -191,7 +191,7 @@ class ObjectStore:
         todo: dict[str, list[Path]] = {}
         for sha, dest in items:
             if not dest.exists():
-                if not _SHA.match(sha):
+                if not SHA256.match(sha):
                     raise ObjectStoreError(f"the artifact store {self.url} was asked for a file named {sha!r}, "
                                            "which is not a content hash")  # fmt: skip
                 todo.setdefault(sha, []).append(dest)

@@ -33,17 +33,17 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from saec.artifacts.hashing import canonical_json, hash_obj, sha256_file
-from saec.artifacts.remote import MIRROR_MARK, ContentCache, ObjectStore, is_url, mirror_of, mirrored_url
+from saec.artifacts.remote import MIRROR_MARK, SHA256, ContentCache, ObjectStore, is_url, mirror_of, mirrored_url
 from saec.artifacts.schemas import MEASURED_COLUMNS, SCHEMAS, conform
 from saec.errors import ActionableError
 
@@ -320,6 +320,33 @@ def _problem(folder: Path, record: _Record) -> str | None:
     return None
 
 
+def _unsafe(record: _Record, stage: str, key: str) -> str | None:
+    """Why a record read from an object store must not be placed on this machine (None when it may):
+    it is another key's, or a name in it would leave the output's folder, or an entry is neither a
+    file of known content nor a link. Whoever can write to the bucket must not write elsewhere here."""
+    if (record.stage, record.key) != (stage, key):
+        return f"it describes {record.stage}/{record.key}"
+    for rel, entry in record.files.items():
+        if "\\" in rel or "\0" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+            return f"the file name {rel!r} leaves the output's folder"
+        if "link" in entry:
+            if not isinstance(entry["link"], str) or "\0" in entry["link"]:
+                return f"{rel} is a link with no target"
+        elif not (isinstance(entry.get("sha256"), str) and SHA256.match(entry["sha256"])
+                  and isinstance(entry.get("size"), int) and entry["size"] >= 0):  # fmt: skip
+            return f"{rel} has no content hash and size"
+    links = {rel for rel, entry in record.files.items() if "link" in entry}
+    for rel in record.files:
+        under = [link for link in links if rel.startswith(f"{link}/")]
+        if under:
+            return f"{rel} lies under the link {under[0]}"
+    for name, ref in record.outputs.items():
+        path = PurePosixPath(ref.path)
+        if not path.is_relative_to(record.dir) or ".." in path.parts:
+            return f"its output {name} lies outside its folder"
+    return None
+
+
 def _new_build_folder(final: Path, key: str) -> Path:
     """A hidden folder beside `final` to build (or fetch) its content in, named for this process."""
     tmp = final.parent / f".{key}{_BUILDING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -586,10 +613,12 @@ class Store:
         assert self.remote is not None
         try:
             record = _Record.model_validate_json(marker)
-        except ValueError as exc:
-            log.warning("stage %s: the record of %s in %s is unreadable (%s); the output is built again",
-                        stage, key, self.location, exc)  # fmt: skip
-            return None
+            problem = _unsafe(record, stage, key)
+        except ValidationError as exc:
+            problem = f"not a stage record: {exc.errors()[0]['msg']}"
+        if problem is not None:
+            raise StoreError(f"stage {stage}: the record {self._record_key(stage, key)} in {self.location} is refused "
+                             f"({problem}); delete that object to build the stage again")  # fmt: skip
         final = self.stage_dir(stage, key)
         self._clear_leftovers(stage, key)
         tmp = _new_build_folder(final, key)

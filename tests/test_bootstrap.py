@@ -29,3 +29,14 @@ def test_the_commands_do_not_show_the_project_folder_as_the_datasets_library():
         interpreter = [sys.executable, *cmd[1:cmd.index("-m")]]  # this interpreter, the command's flags
         seen = subprocess.run([*interpreter, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
         assert project not in seen.stdout, (verb, cmd, seen.stdout)
+
+
+def test_a_failed_install_ends_in_one_line_that_names_the_fix():
+    """A fresh machine with too little disk for torch's CUDA build: the set-up ends with one line that
+    says how much is free and how much is needed, not a traceback; with room enough, it points at
+    pip's own message."""
+    boot = _bootstrap()
+    short = boot.failure_line(300 * 2**20, "x86_64")
+    assert "\n" not in short and "300 MB free" in short and "7.5 GB" in short and "free some space" in short
+    assert "free some space" not in boot.failure_line(80 * 2**30, "x86_64")
+    assert "2.5 GB" in boot.failure_line(2**30, "aarch64")

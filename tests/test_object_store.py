@@ -5,6 +5,7 @@ cache); what they share is the bucket.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from servers import S3Server
 
 from saec.artifacts.hashing import sha256_file
 from saec.artifacts.remote import ObjectStoreError
-from saec.artifacts.store import Store, read_paths, with_read_paths, write_table
+from saec.artifacts.store import Store, StoreError, read_paths, with_read_paths, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +118,36 @@ def test_an_altered_blob_is_refused_with_a_one_line_reason(bucket, tmp_path, mon
     with pytest.raises(ObjectStoreError, match="other content") as err:
         Store(bucket).lookup("demo", "k4")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["climbs out", "absolute", "under a link", "no hash", "another key", "not json"])
+def test_a_record_that_would_write_outside_its_output_is_refused_and_nothing_is_written(bucket, tmp_path, monkeypatch, damage):
+    """Whoever can write to the bucket can write records: one naming files outside its folder (or
+    otherwise not a record of this key) is refused with a line naming the object to delete, and no
+    file is placed anywhere on the reading machine."""
+    as_machine(monkeypatch, tmp_path / "a")
+    a, key = Store(bucket), f"k6-{damage.replace(' ', '-')}"
+    a.get_or_build("demo", key, _build("honest"))
+    record = json.loads(a.remote.read(f"stages/demo/{key}/_stage.json"))
+    entry = record["files"].pop("note.txt")
+    record["files"].update({
+        "climbs out": {"../../../../escaped.txt": entry},
+        "absolute": {str(tmp_path / "escaped.txt"): entry},
+        "under a link": {"table/link.png/escaped.txt": entry},
+        "no hash": {"note.txt": {"size": entry["size"]}},
+        "another key": {"note.txt": entry},
+        "not json": {},
+    }[damage])
+    if damage == "another key":
+        record["key"] = "k0"
+    a.remote.write(f"stages/demo/{key}/_stage.json", b"{ not json" if damage == "not json" else json.dumps(record).encode())
+
+    as_machine(monkeypatch, tmp_path / "b")
+    with pytest.raises(StoreError, match=f"stages/demo/{key}/_stage.json .* is refused .*delete that object") as err:
+        Store(bucket).lookup("demo", key)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (Store(bucket).stage_dir("demo", key)).exists()
 
 
 def test_a_worker_fetches_only_the_images_of_its_rows_by_content(bucket, tmp_path, monkeypatch):
