@@ -18,7 +18,8 @@ from servers import S3Server
 
 from saec.artifacts.hashing import sha256_file
 from saec.artifacts.remote import ObjectStoreError
-from saec.artifacts.store import Store, StoreError, read_paths, with_read_paths, write_table
+from saec.artifacts.store import (Store, StoreError, read_paths, read_table, with_read_paths,
+                                  write_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,6 +175,54 @@ def test_a_worker_fetches_only_the_images_of_its_rows_by_content(bucket, tmp_pat
     missing = pd.DataFrame({"image_id": ["0" * 64], "path": ["/gone.png"]})
     with pytest.raises(ObjectStoreError, match="lacks 1 file"):
         with_read_paths(bucket, missing)
+
+
+def test_the_edge_stage_on_a_machine_without_the_scanned_files_reads_them_by_content(bucket, tmp_path, monkeypatch,
+                                                                                     prefect_server):  # fmt: skip
+    """The tables keep the path where the scanning machine found each image; a worker that has no
+    such file classifies the copies it fetched by content, and its predictions are the scanning
+    machine's."""
+    import numpy as np
+    from PIL import Image
+
+    from saec.flows.common import call_stage
+    from saec.flows.remote import localize
+    from saec.tasks.edge.config import EdgeConfig
+    from saec.tasks.edge.task import predict_edge_task
+    from saec.tasks.telemetry import TelemetryConfig
+
+    def images(out: Path):  # a scan: a table naming the files where this machine found them
+        rows = []
+        for i in range(5):
+            path = tmp_path / "a" / "dataset" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+            rows.append({"image_id": sha256_file(path), "path": str(path), "source_path": None, "label": i % 2,
+                         "category": "c", "defect_type": "good" if i % 2 == 0 else "scratch", "split": "holdout",
+                         "width": 48, "height": 40, "mode": "RGB"})  # fmt: skip
+        ref = write_table(pd.DataFrame(rows), "manifest", out / "manifest.parquet")
+        return {"manifest": Path(ref.path)}, {}
+
+    as_machine(monkeypatch, tmp_path / "a")
+    a = Store(bucket)
+    scanned = a.build_stage("test_images", "k7", images)
+    table = scanned.table("manifest")
+    a.share_files(table.path, table.image_id)
+    cfg = EdgeConfig(mode="supervised", imgsz=32, batch_size=2, threads=1, io_threads=1, progress=False)
+    params = dict(store=bucket, images=scanned, table="manifest", trained=None, sft=scanned, cfg=cfg,
+                  telemetry=TelemetryConfig(interval_s=0.05), label="set/edge")  # fmt: skip
+    there = call_stage(a.new_run("test"), predict_edge_task, name="set/edge", **params)
+    a.remote.delete(f"stages/predict_edge/{there.key}/_stage.json")  # so that the other machine builds it
+
+    (tmp_path / "a").rename(tmp_path / "gone")  # no file the tables name is on the other machine
+    assert not any(Path(p).exists() for p in table.path)
+    as_machine(monkeypatch, tmp_path / "b")
+    run = Store(bucket).new_run("test")
+    here = call_stage(run, predict_edge_task, name="set/edge", **localize(params))  # as a worker gets them
+    assert run.record["stages"]["set/edge"]["state"] == "ran" and here.key == there.key
+    assert Path(here.path("predictions")).is_relative_to(tmp_path / "b")
+    assert here.outputs["predictions"].identity == there.outputs["predictions"].identity
+    assert read_table(here.path("predictions")).path.tolist() == table.path.tolist()  # the table still names them
 
 
 def test_run_records_and_dispatch_notes_are_shared(bucket, tmp_path, monkeypatch):

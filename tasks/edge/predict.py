@@ -56,7 +56,8 @@ def _check_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"the edge stage needs manifest columns image_id and path; missing {missing}")
     if manifest["path"].isna().any():
         raise ValueError("the manifest has rows without a path")
-    return manifest[["image_id", "path"]].assign(source_path=source_paths(manifest)).reset_index(drop=True)
+    kept = ["image_id", "path", *(["read_path"] if "read_path" in manifest.columns else [])]  # where this machine reads
+    return manifest[kept].assign(source_path=source_paths(manifest)).reset_index(drop=True)
 
 
 def defect_index(names: dict[int, str]) -> int:
