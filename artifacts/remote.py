@@ -131,12 +131,15 @@ class ObjectStore:
             if create:
                 try:
                     self.fs.pipe_file(self._key(rel), data, mode="create")
-                    return True
                 except FileExistsError:
                     return False
                 except TypeError:  # a backend without exclusive writes: check, then write
                     if self.fs.exists(self._key(rel)):
                         return False
+                    self.fs.pipe_file(self._key(rel), data)
+                # A server that ignores the condition (If-None-Match) lets a later writer replace
+                # this object: what is there now decides who published.
+                return self.fs.cat_file(self._key(rel)) == data
             self.fs.pipe_file(self._key(rel), data)
             return True
         except ObjectStoreError:
@@ -241,7 +244,10 @@ class ContentCache:
         self.root = root or saec_home() / "blobs"
 
     def path(self, sha: str, suffix: str = "") -> Path:
-        return self.root / sha[:2] / f"{sha}{suffix.lower() if suffix else ''}"
+        if not SHA256.match(sha) or not re.fullmatch(r"(\.[A-Za-z0-9]{1,16})?", suffix):
+            raise ObjectStoreError(f"a table names the file {sha!r} ({suffix!r}) to fetch by content, which is not "
+                                   "a sha256 and file suffix: its image_id column was altered; prepare the data again")  # fmt: skip
+        return self.root / sha[:2] / f"{sha}{suffix.lower()}"
 
     def fetch(self, remote: ObjectStore, items: Sequence[tuple[str, str]]) -> list[Path]:
         """Local files of [(sha256, suffix)], fetched where missing; in the order given."""

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -76,6 +77,9 @@ class FileRef(BaseModel):
         return read_table(self.path)
 
 
+OUTPUT_OF = "output_of"  # in a merge's info: the stage whose output the merge wrote from its shards'
+
+
 class StageResult(BaseModel):
     """What a stage task returns: a small reference, never the data itself."""
 
@@ -96,9 +100,15 @@ class StageResult(BaseModel):
         return Path(self.outputs[name].path)
 
     def digest(self) -> str:
-        """Content identity of this output: what it holds for the stages that read it."""
+        """Content identity of this output: what it holds for the stages that read it. A merge of
+        shards names the stage whose output it is, so that stages reading it see one identity."""
         held = {k: v.identity or v.sha256 for k, v in self.outputs.items() if k not in self.measurements}
-        return hash_obj({"stage": self.stage, "outputs": held})
+        return hash_obj({"stage": self.output_of, "outputs": held})
+
+    @property
+    def output_of(self) -> str:
+        """The stage whose output this is: its own, or for a merge the stage whose shards it merged."""
+        return self.info.get(OUTPUT_OF) or self.stage
 
 
 class ModelRef(BaseModel):
@@ -320,6 +330,18 @@ def _problem(folder: Path, record: _Record) -> str | None:
     return None
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def _checked(name: str, what: str) -> str:
+    """A stage name or cache key, refused when it is not one (a run record read from a shared store
+    names them, and they become folder names here)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise StoreError(f"{name!r} is not a {what} name of the artifact store (letters, digits, _ . -); "
+                         "a run record that names it was altered")  # fmt: skip
+    return name
+
+
 def _unsafe(record: _Record, stage: str, key: str) -> str | None:
     """Why a record read from an object store must not be placed on this machine (None when it may):
     it is another key's, or a name in it would leave the output's folder, or an entry is neither a
@@ -336,14 +358,15 @@ def _unsafe(record: _Record, stage: str, key: str) -> str | None:
                   and isinstance(entry.get("size"), int) and entry["size"] >= 0):  # fmt: skip
             return f"{rel} has no content hash and size"
     links = {rel for rel, entry in record.files.items() if "link" in entry}
-    for rel in record.files:
-        under = [link for link in links if rel.startswith(f"{link}/")]
-        if under:
-            return f"{rel} lies under the link {under[0]}"
     for name, ref in record.outputs.items():
         path = PurePosixPath(ref.path)
         if not path.is_relative_to(record.dir) or ".." in path.parts:
             return f"its output {name} lies outside its folder"
+    named = [*record.files, *(PurePosixPath(ref.path).relative_to(record.dir).as_posix() for ref in record.outputs.values())]
+    for rel in named:
+        under = [link for link in links if rel.startswith(f"{link}/")]
+        if under:
+            return f"{rel} lies under the link {under[0]}"
     return None
 
 
@@ -465,10 +488,10 @@ class Store:
 
     # stage outputs --------------------------------------------------------------
     def stage_dir(self, stage: str, key: str) -> Path:
-        return self.root / "stages" / stage / key
+        return self.root / "stages" / _checked(stage, "stage") / _checked(key, "key")
 
     def _lock(self, stage: str, key: str) -> FileLock:
-        folder = self.root / "stages" / stage
+        folder = self.stage_dir(stage, key).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -507,7 +530,7 @@ class Store:
 
     @staticmethod
     def _record_key(stage: str, key: str) -> str:
-        return f"stages/{stage}/{key}/{STAGE_RECORD}"
+        return f"stages/{_checked(stage, 'stage')}/{_checked(key, 'key')}/{STAGE_RECORD}"
 
     def _lookup_local(self, stage: str, key: str, marker: bytes | None = None) -> StageResult | None:
         folder = self.stage_dir(stage, key)
@@ -608,7 +631,7 @@ class Store:
         except OSError as exc:
             raise _describe_os_error(exc, f"fetching stage {stage} from {self.location}", self.root) from None
 
-    def _pull_locked(self, stage: str, key: str, marker: bytes) -> StageResult | None:
+    def _pull_locked(self, stage: str, key: str, marker: bytes) -> StageResult:
         """Fetch the output a published record describes into the mirror (under the key's lock)."""
         assert self.remote is not None
         try:
@@ -621,11 +644,26 @@ class Store:
                              f"({problem}); delete that object to build the stage again")  # fmt: skip
         final = self.stage_dir(stage, key)
         self._clear_leftovers(stage, key)
+        regular = [(rel, e) for rel, e in record.files.items() if "link" not in e]
+        cache = ContentCache()
+        for _ in range(2):
+            self._place(record, marker, final, key, cache.fetch(self.remote, [(e["sha256"], "") for _, e in regular]))
+            problem = _problem(final, record)
+            if problem is None:
+                break
+            # This machine's cached copies (hard links of the mirror's files) were altered: fetch anew.
+            for _, e in regular:
+                cache.path(e["sha256"]).unlink(missing_ok=True)
+        if problem is not None:
+            raise StoreError(f"stage {stage}: the output {key} fetched from {self.location} does not match its record "
+                             f"({problem}); delete {self._record_key(stage, key)} there to build the stage again")  # fmt: skip
+        return _as_result(record, final)
+
+    def _place(self, record: _Record, marker: bytes, final: Path, key: str, cached: list[Path]) -> None:
+        """Put the files of `record` (its regular files from `cached`, in its order) in place as `final`."""
         tmp = _new_build_folder(final, key)
         try:
-            regular = [(rel, e) for rel, e in record.files.items() if "link" not in e]
-            cached = ContentCache().fetch(self.remote, [(e["sha256"], "") for _, e in regular])
-            for (rel, _), src in zip(regular, cached):
+            for (rel, _), src in zip([(r, e) for r, e in record.files.items() if "link" not in e], cached):
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -646,12 +684,6 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        problem = _problem(final, record)
-        if problem is not None:
-            log.warning("stage %s: the output %s fetched from %s does not match its record (%s); it is built again",
-                        stage, key, self.location, problem)  # fmt: skip
-            return None
-        return _as_result(record, final)
 
     def clear_leftovers(self) -> int:
         """Remove the build folders of dead processes anywhere in the store; return how many went."""

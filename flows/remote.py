@@ -256,6 +256,10 @@ class RemoteStages:
         decl = stage_of(task)
         key = decl.key(params)
         out = Store(params["store"]).read_doc(dispatch_record(run.id))
+        if out is not None and not (isinstance(out, dict) and isinstance(out.get("host"), str)
+                                    and isinstance(out.get("cached"), bool)):  # fmt: skip
+            raise RemoteStageError(f"stage {task.name!r} completed as flow run {run.name}, but its record "
+                                   f"{dispatch_record(run.id)} in {params['store']} is not one a worker writes; run again")  # fmt: skip
         if out is None:
             raise RemoteStageError(
                 f"stage {task.name!r} completed as flow run {run.name}, but its record is not in the artifact store "
@@ -273,8 +277,8 @@ class RemoteStages:
             raise RemoteStageError(f"stage {task.name!r} ran on {out.get('host')}, but its output {key} is missing "
                                    f"or damaged in {params['store']} as this machine sees it")  # fmt: skip
         self.dispatched.append({"stage": task.name, "deployment": deployment, "flow_run": str(run.id), "host": out["host"],
-                                "mirror": out.get("mirror"), "cached": bool(out["cached"]), "label": label})  # fmt: skip
-        return result, bool(out["cached"])
+                                "mirror": out.get("mirror"), "cached": out["cached"], "label": label})  # fmt: skip
+        return result, out["cached"]
 
     def _send(self, task: Task, deployment: str, params: dict[str, Any], name: str, attempt: str) -> tuple[Any, State]:
         """One flow run of `deployment` for the stage; returns it and its final state."""

@@ -228,6 +228,10 @@ def run(
             console.print("[red]error:[/red] --operating-point takes SWEEP.parquet:POINT")
             raise typer.Exit(2)
         overrides = operating_point_overrides(pd.read_parquet(path), int(point)) + overrides
+    if edge_shards > 1 and not distributed:
+        console.print("[red]error:[/red] --edge-shards spreads edge classification over the edge pool's workers: add "
+                      "--distributed (one machine classifies in one stage run)", soft_wrap=True, highlight=False)  # fmt: skip
+        raise typer.Exit(2)
     cfg = _load(config, overrides)
     if distributed and not _api_url():
         console.print("[red]error:[/red] --distributed sends stages to work pools on a Prefect server: set PREFECT_API_URL "

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from saec.artifacts.code import code_identity
 from saec.artifacts.hashing import hash_obj
-from saec.artifacts.store import DatasetRef, ModelRef, StageResult, Store
+from saec.artifacts.store import OUTPUT_OF, DatasetRef, ModelRef, StageResult, Store
 
 Built = tuple[dict[str, Path], dict[str, Any]]
 __all__ = ["Built", "DatasetRef", "ModelRef", "STAGES", "Shard", "Stage", "keyable", "stage", "stage_of"]
@@ -93,7 +93,7 @@ def keyable(value: Any) -> Any:
     """What of a parameter enters a cache key: content identities; where files lie only for a
     dataset folder, whose scan records its files' paths."""
     if isinstance(value, StageResult):
-        return {"stage": value.stage, "digest": value.digest()}
+        return {"stage": value.output_of, "digest": value.digest()}
     if isinstance(value, DatasetRef):  # a scan records the files' paths, so where they lie is an input too
         return {"kind": value.kind, "sha256": value.sha256, "path": value.path}
     if isinstance(value, ModelRef):
@@ -141,6 +141,7 @@ class Stage:
         self.wants_store = any(p.name == "store" for p in listed)  # a stage may keep a cache in the store
         self.params = [p for p in listed if p.name != "store"]
         self.merged_by: Stage | None = None  # the stage that merges this one's shards, if it can be sharded
+        self.output_of: str | None = None  # for a merge: the stage whose output it writes from the shards'
         self.task = self._make_task(task, retries)
         if merges is not None:
             self._merge(merges)
@@ -158,6 +159,7 @@ class Stage:
         if "parts" not in {p.name for p in self.params}:
             raise ValueError(f"stage {self.name!r} merges shards, so it takes their outputs as `parts`")
         target.merged_by = self
+        self.output_of = target.name
 
     @cached_property
     def code(self) -> str:
@@ -185,16 +187,15 @@ class Stage:
         kwargs = {k: v for k, v in params.items() if k != "store"}
         if self.wants_store:
             kwargs["store"] = str(st.root)
-        if self.work_dir:
-            work = st.root / "work" / self.name / key
+        work = st.root / "work" / self.name / key
 
-            def build(out: Path) -> Built:
+        def build(out: Path) -> Built:
+            if self.work_dir:
                 work.mkdir(parents=True, exist_ok=True)
-                return self.fn(out, work, **kwargs)
-        else:
-
-            def build(out: Path) -> Built:
-                return self.fn(out, **kwargs)
+            files, info = self.fn(out, work, **kwargs) if self.work_dir else self.fn(out, **kwargs)
+            if self.output_of is not None:  # the same content as the sharded stage's output: the same identity
+                info = {**info, OUTPUT_OF: self.output_of}
+            return files, info
 
         result, reused = st.get_or_build(self.name, key, build, measurements=self.measurements, code=self.code)
         if self.work_dir and not reused:  # published: the checkpoints that let a failed build resume are done with

@@ -143,6 +143,9 @@ def test_the_command_line_refuses_a_wrong_configuration_with_exit_2_and_no_trace
                            text=True, timeout=120)  # fmt: skip
     assert usage.returncode == 2 and "No such option" in usage.stdout + usage.stderr
     assert "Traceback" not in usage.stdout + usage.stderr
+    shards = subprocess.run([sys.executable, "-m", "saec.cli", "run", "--edge-shards", "2", "--set", f"store.root={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shards.returncode == 2 and "add --distributed" in shards.stdout and not list(tmp_path.iterdir())
 
 
 def test_one_cloud_verdict_threshold_for_scores_decisions_and_metrics():

@@ -23,7 +23,7 @@ from saec.flows.common import call_stage, collect, placed, run_here, submit_stag
 from saec.flows.remote import RemoteConfig, RemoteStages, StageFuture
 from saec.tasks.edge.config import EdgeConfig
 from saec.tasks.edge.task import edge_shards_merge, predict_edge_task, train_edge_task
-from saec.tasks.stage import Shard, stage_of
+from saec.tasks.stage import Shard, keyable, stage_of
 from saec.tasks.telemetry import TelemetryConfig, combine_summaries, serial_samples
 
 
@@ -114,6 +114,8 @@ def test_sharded_predictions_equal_one_stage_run_and_the_record_lists_the_shards
     assert merged.stage == "edge_shards_merge" and set(merged.outputs) == set(whole.outputs) == {"predictions", "telemetry"}
     # the same table for the stages that read it: the identity without the measured columns
     assert _identity(merged) == _identity(whole) and merged.outputs["predictions"].rows == N_IMAGES
+    # ... and so one identity as an input: a stage reading it (cloud scoring) is not built again for shards
+    assert merged.digest() == whole.digest() and keyable(merged) == keyable(whole)
     a, b = read_table(merged.path("predictions")), read_table(whole.path("predictions"))
     assert list(a.columns) == SCHEMAS["edge_predictions"].names
     kept = [c for c in a.columns if c not in MEASURED_COLUMNS["edge_predictions"]]

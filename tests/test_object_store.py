@@ -121,6 +121,24 @@ def test_an_altered_blob_is_refused_with_a_one_line_reason(bucket, tmp_path, mon
     assert "\n" not in str(err.value)
 
 
+def test_a_mirror_file_altered_in_place_is_fetched_anew_not_built_again(bucket, tmp_path, monkeypatch):
+    """The mirror's files share their content with this machine's cache of fetched files: one edited
+    in place is fetched again from the object store (nothing is built again, the store holds it)."""
+    as_machine(monkeypatch, tmp_path / "a")
+    Store(bucket).get_or_build("demo", "k5", _build("kept"))
+    as_machine(monkeypatch, tmp_path / "b")
+    got = Store(bucket).lookup("demo", "k5")
+    note = Path(got.outputs["note"].path)
+    with open(note, "r+") as f:  # same size, other content, same inode
+        f.write("KEPT")
+
+    def never(out: Path):
+        raise AssertionError("built again although the object store holds the output")
+
+    again, reused = Store(bucket).get_or_build("demo", "k5", never)
+    assert reused and Path(again.outputs["note"].path).read_text() == "kept"
+
+
 @pytest.mark.parametrize("damage", ["climbs out", "absolute", "under a link", "no hash", "another key", "not json"])
 def test_a_record_that_would_write_outside_its_output_is_refused_and_nothing_is_written(bucket, tmp_path, monkeypatch, damage):
     """Whoever can write to the bucket can write records: one naming files outside its folder (or
@@ -275,3 +293,20 @@ def test_a_key_published_elsewhere_while_this_machine_waited_for_its_lock_is_tak
 
     got, reused = b.get_or_build("demo", "k5", never)
     assert looks == ["k5"] and reused and Path(got.outputs["note"].path).read_text() == "from a"
+
+
+def test_names_read_from_a_shared_store_cannot_leave_its_folders(tmp_path, monkeypatch):
+    """Stage names and keys come back from run records, image ids from tables: each becomes a file
+    name on the reading machine, so one that is not such a name is refused with one line."""
+    from saec.artifacts.remote import ContentCache
+
+    as_machine(monkeypatch, tmp_path / "a")
+    store = Store(tmp_path / "store")
+    assert store.stage_dir("predict_edge", "0123abcd").parent.name == "predict_edge"
+    for stage, key in [("demo", "../../x"), ("demo", "/abs"), ("..", "k"), ("demo/sub", "k"), ("demo", "")]:
+        with pytest.raises(StoreError, match="a run record that names it was altered"):
+            store.lookup(stage, key)
+    for sha, suffix in [("../../etc/passwd", ""), ("a" * 64, "/../x"), ("A" * 64, ".png")]:
+        with pytest.raises(ObjectStoreError, match="image_id column was altered"):
+            ContentCache().path(sha, suffix)
+    assert ContentCache().path("a" * 64, ".PNG").name == "a" * 64 + ".png"
