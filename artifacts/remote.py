@@ -42,6 +42,7 @@ from saec.errors import ActionableError
 MIRROR_MARK = ".saec-remote.json"  # in a mirror's root: the URL it mirrors
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}")
 PARALLEL = 16  # requests in flight when many small objects move
 
 
@@ -244,10 +245,13 @@ class ContentCache:
         self.root = root or saec_home() / "blobs"
 
     def path(self, sha: str, suffix: str = "") -> Path:
-        if not SHA256.match(sha) or not re.fullmatch(r"(\.[A-Za-z0-9]{1,16})?", suffix):
-            raise ObjectStoreError(f"a table names the file {sha!r} ({suffix!r}) to fetch by content, which is not "
-                                   "a sha256 and file suffix: its image_id column was altered; prepare the data again")  # fmt: skip
-        return self.root / sha[:2] / f"{sha}{suffix.lower()}"
+        """Where the file of content `sha` lies here; `suffix` (a file type's, e.g. `.png`) is kept when
+        it is a plain one."""
+        if not SHA256.match(sha):
+            raise ObjectStoreError(f"a table names the file {sha!r} to fetch by content, which is not a sha256: "
+                                   "its image_id column was altered; prepare the data again")  # fmt: skip
+        plain = suffix.lower() if _SUFFIX.fullmatch(suffix) else ""
+        return self.root / sha[:2] / f"{sha}{plain}"
 
     def fetch(self, remote: ObjectStore, items: Sequence[tuple[str, str]]) -> list[Path]:
         """Local files of [(sha256, suffix)], fetched where missing; in the order given."""
