@@ -43,13 +43,13 @@ def _mask_label(image: Path, mask: Path, max_pixels: int) -> tuple[int | None, s
     return int(m.any()), "", ""
 
 
-def read_ksdd2(
-    root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, workers: int | None = None
-) -> ScanResult:
+def check_root(root: str | Path) -> list[Path]:
+    """The split folders of a KolektorSDD2 root; fails at once when it is missing or holds neither
+    train/ nor test/ (an MVTec AD folder, an empty one). Reads folder names only, so a command can
+    check before it starts any work."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"KolektorSDD2 root {root} does not exist or is not a folder (data.ksdd2_root)")
-    q = Quarantine("ksdd2", root)
     split_dirs = []
     for name in SPLITS:
         exact = root / name
@@ -62,6 +62,15 @@ def read_ksdd2(
     if not split_dirs:
         found = ", ".join(p.name for p in sorted(root.iterdir())) or "nothing"
         raise LayoutError(f"no train/ or test/ folder under {root} (found: {found}); expected {LAYOUT}")
+    return split_dirs
+
+
+def read_ksdd2(
+    root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, workers: int | None = None
+) -> ScanResult:
+    root = Path(root)
+    split_dirs = check_root(root)
+    q = Quarantine("ksdd2", root)
     notes = {"splits_missing": len(SPLITS) - len(split_dirs)}
     pairs: list[tuple[Path, Path, str]] = []
     for split in split_dirs:

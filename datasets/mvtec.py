@@ -47,12 +47,38 @@ def _images_in(folder: Path, q: Quarantine) -> list[Path]:
     return out
 
 
+def check_root(root: str | Path) -> None:
+    """Fail at once on the mistakes of a whole root: missing, or no folder under it holds train/ or
+    test/ (an empty folder, a KolektorSDD2 folder, the parent of the root). Reads folder names only,
+    so a command can check before it starts any work; `read_mvtec` checks the rest as it scans."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"MVTec AD root {root} does not exist or is not a folder (data.mvtec_root)")
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return  # the scan quarantines what it cannot read, and says so
+    if not any(_is_category(d) for d in subs):
+        _no_category(root, subs)
+
+
+def _is_category(folder: Path) -> bool:
+    try:
+        return _find_child(folder, "train") is not None or _find_child(folder, "test") is not None
+    except OSError:
+        return False  # unreadable: quarantined by the scan
+
+
+def _no_category(root: Path, sub_dirs: list[Path]) -> None:
+    found = ", ".join(d.name for d in sub_dirs) or "nothing"
+    raise LayoutError(f"no MVTec AD category under {root} (found: {found}); expected {LAYOUT}")
+
+
 def read_mvtec(
     root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, workers: int | None = None
 ) -> ScanResult:
     root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"MVTec AD root {root} does not exist or is not a folder (data.mvtec_root)")
+    check_root(root)
     q = Quarantine("mvtec_ad", root)
     cands: list[Candidate] = []
     notes = {"empty_class_folders": 0}
@@ -149,8 +175,7 @@ def read_mvtec(
         for m in sorted(set(masks.values()) - used_masks):
             q.add(m, "mask", "mask_without_image", f"no test/{m.parent.name}/{m.stem[:-5]}.* image for this mask")
     if not categories:
-        found = ", ".join(d.name for d in sub_dirs) or "nothing"
-        raise LayoutError(f"no MVTec AD category under {root} (found: {found}); expected {LAYOUT}")
+        _no_category(root, sub_dirs)
     notes["defect_with_empty_mask"] = 0
     images = probe_candidates(cands, "mvtec_ad", q, max_pixels, workers=workers, progress=progress, check_masks=True,
                               notes=notes)  # fmt: skip

@@ -50,10 +50,16 @@ def _api_url() -> str | None:
 
 
 def _start(cfg) -> None:
-    """Before a flow runs: a writable store, and Prefect's local server started (one process at a time)."""
+    """Before a flow runs: dataset folders that are what they are named, a writable store, and
+    Prefect's local server started (one process at a time)."""
     from saec.artifacts.store import Store
+    from saec.datasets import ksdd2, mvtec
     from saec.env import start_prefect_api
 
+    if cfg.data.source == "folders":  # a wrong root fails in a second, not after the server has started
+        for root, reader in ((cfg.data.mvtec_root, mvtec), (cfg.data.ksdd2_root, ksdd2)):
+            if root is not None:
+                reader.check_root(Path(root).expanduser())
     Store(cfg.store.root).check_writable()
     start_prefect_api()
     if not _debug():
