@@ -183,9 +183,12 @@ def test_two_edge_workers_and_a_cloud_worker_share_only_the_store_and_the_api(tm
                 m.start("prefect", "worker", "start", "--pool", "edge", "--type", "process", "--limit", "1", "--name", m.name)
             cloud.start("prefect", "worker", "start", "--pool", "cloud", "--type", "process", "--name", "cloud")
 
-            # the reference: the same configuration on one machine
+            # the reference: the same configuration on one machine, at the same time (the distributed
+            # run spends a minute waiting for the stage watch)
             single = Machine(tmp_path, "single", base)
-            single.run("saec.cli", "run", *(f"--set={o}" for o in CONFIG), f"--set=store.root=s3://{s3.bucket}/single")
+            machines.append(single)
+            reference = single.start("saec.cli", "run", *(f"--set={o}" for o in CONFIG),
+                                     f"--set=store.root=s3://{s3.bucket}/single")  # fmt: skip
 
             watcher = ShardWatcher(server.api_url, edge)
             watcher.start()
@@ -203,6 +206,7 @@ def test_two_edge_workers_and_a_cloud_worker_share_only_the_store_and_the_api(tm
                 watcher.join(timeout=10)
             assert proc.returncode == 0, f"the distributed run failed:\n{parent.tail()}\n" + "\n".join(
                 f"--- {m.name}\n{m.tail(1500)}" for m in machines)
+            assert reference.wait(timeout=DEADLINE_S) == 0, f"the one-machine run failed:\n{single.tail()}"
 
             # one edge worker was killed during its shard; the shard ran again on the other one
             assert watcher.killed is not None, f"no shard was seen running to kill its worker: {watcher.seen}"
