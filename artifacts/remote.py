@@ -254,7 +254,20 @@ class ContentCache:
         return self.root / sha[:2] / f"{sha}{plain}"
 
     def fetch(self, remote: ObjectStore, items: Sequence[tuple[str, str]]) -> list[Path]:
-        """Local files of [(sha256, suffix)], fetched where missing; in the order given."""
+        """Local files of [(sha256, suffix)], in the order given: fetched where missing, and fetched
+        again where the copy here no longer has its content (a file it was hard-linked as was edited)."""
         paths = [self.path(sha, suffix) for sha, suffix in items]
+        with ThreadPoolExecutor(min(PARALLEL, os.cpu_count() or 1)) as pool:
+            altered = [p for p, ok in zip(paths, pool.map(_holds, [sha for sha, _ in items], paths)) if not ok]
+        for p in altered:
+            p.unlink(missing_ok=True)
         remote.fetch_blobs([(sha, p) for (sha, _), p in zip(items, paths)])
         return paths
+
+
+def _holds(sha: str, path: Path) -> bool:
+    """Whether `path` is absent (to be fetched) or holds the content `sha`."""
+    try:
+        return sha256_file(path) == sha
+    except FileNotFoundError:
+        return True

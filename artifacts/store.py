@@ -644,16 +644,9 @@ class Store:
                              f"({problem}); delete that object to build the stage again")  # fmt: skip
         final = self.stage_dir(stage, key)
         self._clear_leftovers(stage, key)
-        regular = [(rel, e) for rel, e in record.files.items() if "link" not in e]
-        cache = ContentCache()
-        for _ in range(2):
-            self._place(record, marker, final, key, cache.fetch(self.remote, [(e["sha256"], "") for _, e in regular]))
-            problem = _problem(final, record)
-            if problem is None:
-                break
-            # This machine's cached copies (hard links of the mirror's files) were altered: fetch anew.
-            for _, e in regular:
-                cache.path(e["sha256"]).unlink(missing_ok=True)
+        regular = [e["sha256"] for e in record.files.values() if "link" not in e]
+        self._place(record, marker, final, key, ContentCache().fetch(self.remote, [(sha, "") for sha in regular]))
+        problem = _problem(final, record)
         if problem is not None:
             raise StoreError(f"stage {stage}: the output {key} fetched from {self.location} does not match its record "
                              f"({problem}); delete {self._record_key(stage, key)} there to build the stage again")  # fmt: skip

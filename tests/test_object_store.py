@@ -189,6 +189,8 @@ def test_a_worker_fetches_only_the_images_of_its_rows_by_content(bucket, tmp_pat
     assert all(Path(p).is_relative_to(tmp_path / "b") and p.endswith(".png") for p in local)
     assert len(list((tmp_path / "b" / "blobs").rglob("*.png"))) == 2  # only the rows asked for
     assert mine.path.tolist() == [paths[1], paths[3]]  # what tables record is unchanged
+    Path(local[0]).write_bytes(b"altered here")  # a copy that no longer has its content is fetched again
+    assert [Path(p).read_bytes() for p in read_paths(with_read_paths(bucket, frame.iloc[[1]]))] == [b"image 1"]
 
     missing = pd.DataFrame({"image_id": ["0" * 64], "path": ["/gone.png"]})
     with pytest.raises(ObjectStoreError, match="lacks 1 file"):
