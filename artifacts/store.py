@@ -357,12 +357,13 @@ def _unsafe(record: _Record, stage: str, key: str) -> str | None:
         elif not (isinstance(entry.get("sha256"), str) and SHA256.match(entry["sha256"])
                   and isinstance(entry.get("size"), int) and entry["size"] >= 0):  # fmt: skip
             return f"{rel} has no content hash and size"
-    links = {rel for rel, entry in record.files.items() if "link" in entry}
+    named = list(record.files)
     for name, ref in record.outputs.items():
         path = PurePosixPath(ref.path)
         if not path.is_relative_to(record.dir) or ".." in path.parts:
             return f"its output {name} lies outside its folder"
-    named = [*record.files, *(PurePosixPath(ref.path).relative_to(record.dir).as_posix() for ref in record.outputs.values())]
+        named.append(path.relative_to(record.dir).as_posix())
+    links = {rel for rel, entry in record.files.items() if "link" in entry}
     for rel in named:
         under = [link for link in links if rel.startswith(f"{link}/")]
         if under:
@@ -644,19 +645,20 @@ class Store:
                              f"({problem}); delete that object to build the stage again")  # fmt: skip
         final = self.stage_dir(stage, key)
         self._clear_leftovers(stage, key)
-        regular = [e["sha256"] for e in record.files.values() if "link" not in e]
-        self._place(record, marker, final, key, ContentCache().fetch(self.remote, [(sha, "") for sha in regular]))
+        regular = {rel: e["sha256"] for rel, e in record.files.items() if "link" not in e}
+        fetched = ContentCache().fetch(self.remote, [(sha, "") for sha in regular.values()])
+        self._place(record, marker, final, key, dict(zip(regular, fetched)))
         problem = _problem(final, record)
         if problem is not None:
             raise StoreError(f"stage {stage}: the output {key} fetched from {self.location} does not match its record "
                              f"({problem}); delete {self._record_key(stage, key)} there to build the stage again")  # fmt: skip
         return _as_result(record, final)
 
-    def _place(self, record: _Record, marker: bytes, final: Path, key: str, cached: list[Path]) -> None:
-        """Put the files of `record` (its regular files from `cached`, in its order) in place as `final`."""
+    def _place(self, record: _Record, marker: bytes, final: Path, key: str, cached: dict[str, Path]) -> None:
+        """Put the files of `record` in place as `final`: its regular files from `cached` (by name), its links."""
         tmp = _new_build_folder(final, key)
         try:
-            for (rel, _), src in zip([(r, e) for r, e in record.files.items() if "link" not in e], cached):
+            for rel, src in cached.items():
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
